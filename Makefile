@@ -1,0 +1,38 @@
+# Every target sets up .venv by itself on a fresh machine. torch is installed first and pinned:
+# `torch==2.13.0` is the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+PYTEST_FLAGS ?= -q
+
+.PHONY: setup test test-slow demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Default suite: CPU only, offline, under 10 minutes on 2 cores.
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+# Slow tests (real pretrained model, long runs).
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(PYTEST_FLAGS)
+
+# The main job on its embedded offline default.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
+
+# Speed and memory of NSOTrainer against Trainer, measured in the same process.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark_step.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
