@@ -1,0 +1,183 @@
+"""Noise on the perturbed parameters, and their exact restore.
+
+The invariant of this file: after `Perturbation.restore()` every parameter holds the bits it held
+when the `Perturbation` was created, in every dtype. Restore is a copy from a saved backup, never a
+subtraction (in bf16, W + U - U != W). The backup is the only parameter-sized copy held; the noise
+itself is regenerated from its seed when needed (one tensor of one parameter at a time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+# Prefixes that wrappers add to parameter names (DDP, FSDP, activation checkpointing, torch.compile).
+# Include/exclude patterns are matched against the user-facing name with these removed.
+_WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def draw_seed(seed: int, global_step: int, micro_step: int, rank: int, draw: int, tensor: int) -> int:
+    """Seed of the noise of one tensor in one draw, a pure function of where it happens in training.
+
+    Args:
+        seed: the run's noise seed.
+        global_step: optimizer steps taken so far (`TrainerState.global_step`).
+        micro_step: index of the micro-batch inside its gradient-accumulation window.
+        rank: data-parallel rank (0 on every rank when the noise is shared).
+        draw: index j of the draw, 0 <= j < k.
+        tensor: index of the parameter among the perturbed ones (each tensor has its own stream,
+            so its noise does not depend on the other tensors' sizes or devices).
+
+    Returns:
+        A 63-bit seed. Hashing (not adding) the fields keeps nearby steps' draws independent.
+    """
+    packed = struct.pack("<6q", seed, global_step, micro_step, rank, draw, tensor)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def clean_parameter_name(name: str) -> str:
+    """Strip wrapper prefixes so patterns match the names a user sees on the bare model."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+        name = name.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+    return name
+
+
+def select_parameters(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[tuple[str, nn.Parameter]]:
+    """Parameters to perturb: trainable ones, filtered by name.
+
+    Args:
+        named_parameters: `model.named_parameters()`.
+        include: regexes; if given, a name must match one (re.search).
+        exclude: regexes; a name matching one is left out.
+
+    Returns:
+        `(clean_name, parameter)` pairs in model order (the order fixes which noise each one gets).
+
+    Raises:
+        ValueError: a pattern does not compile, or nothing is left to perturb.
+    """
+    try:
+        inc = [re.compile(p) for p in include or ()]
+        exc = [re.compile(p) for p in exclude or ()]
+    except re.error as err:
+        raise ValueError(f"NSOConfig.perturb_include/perturb_exclude: bad regular expression: {err}") from err
+    selected, trainable, seen = [], 0, set()
+    for name, param in named_parameters:
+        if not param.requires_grad or id(param) in seen:  # tied weights appear once
+            continue
+        seen.add(id(param))
+        trainable += 1
+        clean = clean_parameter_name(name)
+        if inc and not any(p.search(clean) for p in inc):
+            continue
+        if any(p.search(clean) for p in exc):
+            continue
+        selected.append((clean, param))
+    if not selected:
+        raise ValueError(
+            f"NSO found no parameter to perturb ({trainable} trainable parameters, include={list(include or [])}, "
+            f"exclude={list(exclude or [])}). Check requires_grad and the perturb_include/perturb_exclude patterns."
+        )
+    return selected
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The storage this rank owns for `param`: what the noise is written into.
+
+    DeepSpeed ZeRO-3 keeps the rank's partition in `ds_tensor` (`param.data` is empty outside
+    forward); FSDP2 parameters are DTensors whose local shard is `to_local()`; everything else
+    (plain, DDP, FSDP1 with use_orig_params, whose params are flat local shard views) is `data`.
+    """
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    data = param.data
+    if hasattr(data, "to_local"):
+        return data.to_local()
+    return data
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """True when `param` holds only this rank's shard (ZeRO-3 or FSDP2 DTensor)."""
+    return hasattr(param, "ds_tensor") or hasattr(param.data, "to_local")
+
+
+def row_rms(tensor: torch.Tensor) -> torch.Tensor:
+    """Per-output-row RMS of a weight, shaped to broadcast against it.
+
+    Rows are along dim 0 (the output features of nn.Linear/Embedding weights); a 1-D tensor
+    (bias, norm weight) is one row. Computed in float32.
+    """
+    t = tensor.detach().float()
+    if t.dim() <= 1:
+        return t.pow(2).mean().sqrt()  # a 0-d tensor broadcasts against any shape
+    return t.pow(2).mean(dim=tuple(range(1, t.dim())), keepdim=True).sqrt()
+
+
+def gaussian_noise(
+    like: torch.Tensor, generator: torch.Generator, sigma: float, relative: bool
+) -> torch.Tensor:
+    """One draw of U ~ N(0, sigma^2) (absolute) or N(0, (sigma * row_rms)^2) (relative), in float32.
+
+    The draw depends only on the generator's state and `like`'s shape, so re-seeding the generator
+    regenerates the same U (how W - U is produced without storing U).
+    """
+    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    noise.mul_(sigma)
+    if relative:
+        noise.mul_(row_rms(like))
+    return noise
+
+
+class Perturbation:
+    """Moves a fixed set of parameters to W + s * U and back to W, exactly.
+
+    Create it right before the passes of a micro-batch (it snapshots W), call `apply(sign, seeds)`
+    before each perturbed pass and `restore()` after the last one (in a `finally`).
+
+    Cost: one backup copy of the perturbed parameters (in their own dtype), plus one float32 noise
+    tensor the size of the largest parameter while applying.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], sigma: float, relative: bool):
+        self.params = list(params)
+        self.sigma = float(sigma)
+        self.relative = relative
+        with torch.no_grad():
+            self.backup = [local_tensor(p).clone() for p in self.params]
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen.manual_seed(seed)
+
+    @torch.no_grad()
+    def apply(self, sign: float, seeds: Sequence[int]) -> None:
+        """Set every parameter to W + sign * U, the noise of tensor i drawn from `seeds[i]`."""
+        for target, saved, seed in zip(map(local_tensor, self.params), self.backup, seeds, strict=True):
+            # Relative noise scales by the row RMS of the clean W (the backup): the same for +U and -U.
+            noise = gaussian_noise(saved, self._generator(target.device, seed), self.sigma, self.relative)
+            # Add in at least float32 and round once into the parameter's dtype.
+            work = saved.to(torch.promote_types(saved.dtype, torch.float32))
+            target.copy_(work.add(noise, alpha=sign))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy W back, bit for bit."""
+        for param, saved in zip(self.params, self.backup):
+            local_tensor(param).copy_(saved)
