@@ -1,0 +1,327 @@
+"""Flatness estimators against exact answers: a dense Hessian, a quadratic, and model state checks."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from nso_hf.flatness import (
+    hessian_trace,
+    noise_stability,
+    pac_bayes_curvature,
+    snapshot_parameters,
+    top_eigenvalue,
+)
+from nso_hf.hvp import HessianOperator, select_measured_parameters
+from nso_hf.measurement import measurement_mode
+
+
+def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def dense_hessian(model: nn.Module, batches, loss_fn) -> torch.Tensor:
+    """The exact Hessian of the mean batch loss over all of `model`'s parameters, in float64."""
+    double_model = copy.deepcopy(model).double()
+    names = [n for n, _ in double_model.named_parameters()]
+    shapes = [p.shape for _, p in double_model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in double_model.parameters()])
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = w[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        call = lambda m, b: loss_fn(lambda x: functional_call(m, params, (x,)), (b[0].double(), b[1]))  # noqa: E731
+        return sum(call(double_model, b) for b in batches) / len(batches)
+
+    return torch.autograd.functional.hessian(loss_of, flat)
+
+
+@pytest.fixture(scope="module")
+def trained_mlp():
+    """A small MLP trained near a minimum of cross-entropy (67 parameters), its batches, exact H."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    opt = torch.optim.Adam(mlp.parameters(), lr=1e-2, foreach=False)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(mlp(x), y).backward()
+        opt.step()
+    for p in mlp.parameters():
+        p.grad = None
+    batches = [(x, y)]
+    hessian = dense_hessian(mlp, batches, cross_entropy_loss)
+    return mlp, batches, hessian
+
+
+class Quadratic(nn.Module):
+    """loss = 1/2 w^T A w + b^T w over w = (w1, w2), with b from the batch: Hessian A exactly."""
+
+    def __init__(self, a: torch.Tensor, sizes: tuple[int, int]) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(sizes[0], dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(sizes[1], dtype=torch.float64))
+        self.register_buffer("a", a)
+
+    def forward(self, b: torch.Tensor) -> SimpleNamespace:
+        w = torch.cat([self.w1, self.w2])
+        return SimpleNamespace(loss=0.5 * w @ self.a @ w + b @ w)
+
+
+@pytest.fixture
+def quadratic():
+    gen = torch.Generator().manual_seed(1)
+    m = torch.randn(7, 7, dtype=torch.float64, generator=gen)
+    a = m @ m.T / 7 + torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64))  # SPD, distinct eigenvalues
+    torch.manual_seed(2)
+    model = Quadratic(a, (3, 4))
+    batches = [{"b": torch.randn(7, dtype=torch.float64)} for _ in range(2)]
+    return model, batches, a
+
+
+def test_hessian_vector_product_matches_dense(trained_mlp):
+    mlp, batches, hessian = trained_mlp
+    params = list(mlp.parameters())
+    v = [torch.randn_like(p) for p in params]
+    x, y = batches[0]
+    split = [(x[:20], y[:20]), (x[20:], y[20:])]
+    with measurement_mode(mlp, params):
+        reused = HessianOperator(mlp, params, batches, cross_entropy_loss).matvec(v)
+        # Two unequal halves weigh 1/2 each: H of their mean, not of the 64-row batch.
+        fresh = HessianOperator(mlp, params, split, cross_entropy_loss, reuse_graph=False).matvec(v)
+    flat_v = torch.cat([t.reshape(-1) for t in v]).double()
+    torch.testing.assert_close(torch.cat([h.reshape(-1) for h in reused]).double(), hessian @ flat_v, rtol=1e-4, atol=1e-5)
+    halves = sum(dense_hessian(mlp, [b], cross_entropy_loss) for b in split) / 2
+    torch.testing.assert_close(torch.cat([h.reshape(-1) for h in fresh]).double(), halves @ flat_v, rtol=1e-4, atol=1e-5)
+
+
+def test_trace_within_three_stderr_of_exact(trained_mlp):
+    mlp, batches, hessian = trained_mlp
+    est = hessian_trace(mlp, batches, num_probes=100, loss_fn=cross_entropy_loss)
+    exact = hessian.trace().item()
+    assert est.num_probes == 100 and est.num_parameters == 67
+    assert est.stderr > 0
+    assert abs(est.value - exact) <= 3 * est.stderr, (est.value, est.stderr, exact)
+
+
+def test_trace_tolerance_stops_early(trained_mlp):
+    mlp, batches, _ = trained_mlp
+    est = hessian_trace(mlp, batches, num_probes=500, tolerance=0.2, min_probes=5, loss_fn=cross_entropy_loss)
+    assert est.converged is True
+    assert 5 <= est.num_probes < 500
+    assert est.stderr <= 0.2 * abs(est.value)
+
+
+@pytest.mark.parametrize("top_n", [1, 3])
+def test_top_eigenvalues_within_one_percent(trained_mlp, top_n):
+    mlp, batches, hessian = trained_mlp
+    exact = torch.linalg.eigvalsh(hessian).flip(0)[:top_n]
+    # At this minimum the largest eigenvalues also have the largest magnitude.
+    assert exact[0] > torch.linalg.eigvalsh(hessian).abs().max() - 1e-9
+    est = top_eigenvalue(mlp, batches, max_iter=200, top_n=top_n, tolerance=1e-7, loss_fn=cross_entropy_loss)
+    assert len(est.values) == top_n and all(est.converged)
+    torch.testing.assert_close(torch.tensor(est.values, dtype=torch.float64), exact, rtol=1e-2, atol=0.0)
+    # The residual bound holds: an exact eigenvalue lies within it (plus float32 rounding).
+    eig = torch.linalg.eigvalsh(hessian)
+    for value, residual in zip(est.values, est.residuals):
+        assert (eig - value).abs().min() <= residual + 1e-4
+
+
+def test_noise_stability_is_half_sigma_squared_trace_on_quadratic(quadratic):
+    model, batches, a = quadratic
+    sigma = 0.05
+    est = noise_stability(model, batches, sigma=sigma, num_draws=400)
+    expected = sigma**2 / 2 * a.trace().item()
+    assert abs(est.value - expected) <= 3 * est.stderr, (est.value, est.stderr, expected)
+    torch.testing.assert_close(est.value, expected, rtol=0.1, atol=0.0)
+    # Antithetic samples are exactly sigma^2/2 u^T A u >= 0 for SPD A; one-point samples carry g^T u.
+    assert min(est.samples) > 0
+    one_point = noise_stability(model, batches, sigma=sigma, num_draws=400, antithetic=False)
+    assert min(one_point.samples) < 0 < max(one_point.samples)
+    assert abs(one_point.value - expected) <= 3 * one_point.stderr
+    assert one_point.stderr > est.stderr
+
+
+def test_pac_bayes_curvature_is_exact_on_quadratic(quadratic):
+    model, batches, a = quadratic
+    init = snapshot_parameters(model)
+    with torch.no_grad():
+        model.w1.add_(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+        model.w2.sub_(torch.tensor([1.0, 0.25, 0.0, -3.0], dtype=torch.float64))
+    v1 = model.w1.detach() - init["w1"]
+    v2 = model.w2.detach() - init["w2"]
+    v = torch.cat([v1, v2])
+    est = pac_bayes_curvature(model, batches, init)
+    torch.testing.assert_close(est.per_layer["w1"], (v1 @ a[:3, :3] @ v1).item())
+    torch.testing.assert_close(est.per_layer["w2"], (v2 @ a[3:, 3:] @ v2).item())
+    torch.testing.assert_close(est.total, est.per_layer["w1"] + est.per_layer["w2"])
+    torch.testing.assert_close(est.full, (v @ a @ v).item())
+    torch.testing.assert_close(est.displacement_norm, v.norm().item())
+
+
+def test_pac_bayes_curvature_rejects_mismatched_init(quadratic):
+    model, batches, _ = quadratic
+    with pytest.raises(ValueError, match=r"init has no tensor of the right shape for 1 measured"):
+        pac_bayes_curvature(model, batches, {"w1": model.w1.detach().clone()})
+
+
+class DropoutMLP(nn.Module):
+    """An MLP with dropout (train/eval matters) returning an HF-style output with .loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 2))
+        self.head_frozen = nn.Linear(2, 2)
+        self.head_frozen.requires_grad_(False)
+
+    def forward(self, x, labels):
+        return SimpleNamespace(loss=nn.functional.cross_entropy(self.head_frozen(self.net(x)), labels))
+
+
+MEASURES = {
+    "hessian_trace": lambda m, b: hessian_trace(m, b, num_probes=3),
+    "top_eigenvalue": lambda m, b: top_eigenvalue(m, b, max_iter=3, top_n=2),
+    "noise_stability": lambda m, b: noise_stability(m, b, sigma=0.1, num_draws=3),
+    "pac_bayes_curvature": lambda m, b: pac_bayes_curvature(
+        m, b, {n: torch.zeros_like(p) for n, p in m.named_parameters()}, parameters="all"
+    ),
+    "frozen_parameters": lambda m, b: hessian_trace(m, b, num_probes=2, parameters="all", include=["head_frozen"]),
+}
+
+
+@pytest.mark.parametrize("measure", sorted(MEASURES))
+def test_measure_leaves_model_as_found(measure):
+    torch.manual_seed(3)
+    model = DropoutMLP().train()
+    model.net[2].eval()  # a submodule in another mode than its parent keeps its own flag
+    batches = [{"x": torch.randn(8, 5), "labels": torch.randint(0, 2, (8,))} for _ in range(2)]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = {n: (p.detach().clone(), p.grad.clone(), p.requires_grad) for n, p in model.named_parameters()}
+    rng_before = torch.get_rng_state()
+    MEASURES[measure](model, batches)
+    for n, p in model.named_parameters():
+        weight, grad, requires = before[n]
+        assert torch.equal(p.detach(), weight), n
+        assert torch.equal(p.grad, grad), n
+        assert p.requires_grad == requires, n
+    assert model.training and model.net.training and not model.net[2].training
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_trace_is_reproducible_and_measures_only_the_filter():
+    torch.manual_seed(4)
+    model = DropoutMLP()
+    batches = [{"x": torch.randn(8, 5), "labels": torch.randint(0, 2, (8,))}]
+    first = hessian_trace(model, batches, num_probes=4, seed=7)
+    second = hessian_trace(model, batches, num_probes=4, seed=7)
+    assert first.samples == second.samples
+    assert first.num_parameters == 5 * 16 + 16 + 16 * 2 + 2  # trainable only: the frozen head is left out
+    last = hessian_trace(model, batches, num_probes=4, include=[r"net\.3\."], exclude=["bias"])
+    assert last.num_parameters == 16 * 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"parameters": "frozen"}, r"parameters='frozen' is not one of \('trainable', 'all'\)"),
+        ({"include": ["("]}, r"include/exclude: bad regular expression"),
+        ({"include": ["nothing_matches"]}, r"No parameter to measure"),
+        ({"num_probes": 0}, r"num_probes must be >= 1"),
+        ({"tolerance": 0.0}, r"tolerance must be > 0"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    model = DropoutMLP()
+    batches = [{"x": torch.randn(4, 5), "labels": torch.randint(0, 2, (4,))}]
+    with pytest.raises(ValueError, match=message):
+        hessian_trace(model, batches, **{"num_probes": 2, **kwargs})
+
+
+def test_batch_without_loss_needs_loss_fn():
+    model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match=r"needs a loss_fn\(model, batch\)"):
+        hessian_trace(model, [torch.randn(2, 3)], num_probes=1)
+
+
+def test_peft_lora_measures_adapters_under_sdpa():
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    base = LlamaForCausalLM(config)  # transformers picks SDPA, which has no double backward
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():  # B starts at 0; move it so the adapters' Hessian is not degenerate
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    impl = lora.base_model.model.config._attn_implementation
+    assert impl == "sdpa"
+    ids = torch.randint(0, 64, (2, 12))
+    batches = [{"input_ids": ids, "labels": ids}]
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    adapter_numel = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+
+    trace = hessian_trace(lora, batches, num_probes=3)
+    eig = top_eigenvalue(lora, batches, max_iter=5)
+    assert trace.num_parameters == adapter_numel == eig.num_parameters
+    assert torch.isfinite(torch.tensor([trace.value, eig.value])).all() and trace.value != 0
+    assert lora.base_model.model.config._attn_implementation == "sdpa"
+    assert all(torch.equal(p, before[n]) for n, p in lora.named_parameters())
+    named = select_measured_parameters(lora)
+    assert all("lora_" in n for n, _ in named)
+
+
+@pytest.mark.parametrize("trainer_kind", ["Trainer", "NSOTrainer"])
+def test_callback_logs_flatness_through_trainer(tmp_path, trainer_kind):
+    from conftest import lm_examples, tiny_llama, training_args
+    from transformers import Trainer
+
+    from nso_hf import NSOConfig, NSOTrainer
+    from nso_hf.callbacks import FlatnessCallback
+
+    model = tiny_llama(seed=0)
+    probe_batches = [{k: torch.stack([e[k] for e in lm_examples(4, seed=9)]) for k in ("input_ids", "labels")}]
+    callback = FlatnessCallback(probe_batches, every_n_steps=2, num_probes=4, max_iter=5)
+    args = training_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4)
+    kwargs = {"nso_config": NSOConfig(sigma=0.01)} if trainer_kind == "NSOTrainer" else {}
+    trainer_cls = NSOTrainer if trainer_kind == "NSOTrainer" else Trainer
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=lm_examples(16), eval_dataset=lm_examples(4, seed=1),
+        callbacks=[callback], **kwargs,
+    )
+    callback.bind(trainer)
+    trainer.train()
+
+    keys = {
+        "flatness/hessian_trace", "flatness/hessian_trace_stderr",
+        "flatness/top_eigenvalue", "flatness/top_eigenvalue_residual",
+    }
+    logged = [e for e in trainer.state.log_history if "flatness/hessian_trace" in e]
+    # every 2 steps (2, 4) and after the evaluation at step 3; once per step.
+    assert [e["step"] for e in logged] == [2, 3, 4]
+    assert all(keys <= e.keys() and all(torch.isfinite(torch.tensor(e[k])) for k in keys) for e in logged)
+    assert logged[0]["flatness/hessian_trace"] != logged[-1]["flatness/hessian_trace"]  # the weights moved
+    # The last entry is the measure of the final weights, on the same batches with the same probes.
+    final = hessian_trace(model, probe_batches, num_probes=4)
+    torch.testing.assert_close(logged[-1]["flatness/hessian_trace"], final.value)
+
+
+def test_callback_without_trainer_raises():
+    from nso_hf.callbacks import FlatnessCallback
+
+    callback = FlatnessCallback([{"x": torch.zeros(1)}])
+    with pytest.raises(ValueError, match=r"no trainer to log through: pass FlatnessCallback\(batches, trainer=trainer\)"):
+        callback.on_train_begin(None, None, None)
