@@ -1,0 +1,134 @@
+"""Final-answer extraction and normalisation for chain-of-thought outputs.
+
+A generation is scored by the answer it commits to, not by its rationale. The answer is looked
+for, in order: after the last `####` (the GSM8K convention our training targets use), after the
+last "answer is" / "answer:" phrase, and finally (numbers and yes/no only) as the last candidate
+anywhere in the text. Every function here is pure.
+"""
+
+from __future__ import annotations
+
+import re
+
+ANSWER_KINDS = ("number", "yesno", "letter", "text")
+
+# A number: optional sign (not when glued to a preceding word/digit, so "5-3" is not "-3"),
+# optional currency sign, digits with thousands separators, optional decimals.
+_NUMBER = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?|\d[\d,]*(?:\.\d+)?")
+_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
+_YESNO = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+# A choice letter: "(B)", "B)", "B." or a lone capital B; lower-case only inside parentheses.
+_LETTER = re.compile(r"\(([A-Ea-e])\)|\b([A-E])\b(?:\)|\.|,|:)?")
+
+
+def normalize_number(text: str) -> str:
+    """Canonical spelling of a number: no `$`, commas or spaces; no trailing decimal zeros.
+
+    Args:
+        text: a number as written, e.g. "$1,234.50", "-3", "1 000".
+
+    Returns:
+        "1234.5", "-3", "1000". Text that is not a number is returned stripped but unchanged.
+    """
+    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "")
+    cleaned = cleaned.rstrip(".")
+    if not re.fullmatch(r"[-+]?\d+(?:\.\d+)?", cleaned):
+        return text.strip()
+    if cleaned.startswith("+"):
+        cleaned = cleaned[1:]
+    if "." in cleaned:
+        cleaned = cleaned.rstrip("0").rstrip(".")
+    negative = cleaned.startswith("-")
+    digits = cleaned.lstrip("-").lstrip("0") or "0"
+    if digits.startswith("."):
+        digits = "0" + digits
+    if digits == "0":
+        return "0"
+    return ("-" if negative else "") + digits
+
+
+def normalize_yesno(text: str) -> str:
+    """Map yes/no/true/false (any case, also Python bools) to "yes" or "no"; anything else -> ""."""
+    if isinstance(text, bool):
+        return "yes" if text else "no"
+    word = str(text).strip().strip(".").lower()
+    if word in ("yes", "true"):
+        return "yes"
+    if word in ("no", "false"):
+        return "no"
+    return ""
+
+
+def normalize_letter(text: str) -> str:
+    """"(b)", "B)", " b " -> "B"; anything that is not a single choice letter -> ""."""
+    word = str(text).strip().strip("().:").strip().upper()
+    return word if re.fullmatch(r"[A-Z]", word) else ""
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, collapse spaces, drop a trailing period: the exact-match form of free text."""
+    return " ".join(str(text).split()).rstrip(".").lower()
+
+
+def normalize_answer(text: str, kind: str) -> str:
+    """Normalise a gold answer of the given kind ("number", "yesno", "letter" or "text")."""
+    if kind == "number":
+        return normalize_number(str(text))
+    if kind == "yesno":
+        return normalize_yesno(text)
+    if kind == "letter":
+        return normalize_letter(text)
+    if kind == "text":
+        return normalize_text(text)
+    raise ValueError(f"Unknown answer kind {kind!r}; use one of {ANSWER_KINDS}.")
+
+
+def _answer_region(text: str) -> tuple[str, bool]:
+    """The part of `text` that states the final answer, and whether a marker was found."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1], True
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if phrases:
+        return text[phrases[-1].end():], True
+    return text, False
+
+
+def extract_answer(text: str, kind: str = "number") -> str:
+    """The final answer a chain-of-thought generation commits to, normalised.
+
+    Args:
+        text: the generated rationale + answer, e.g. "12 + 5 = 17\\n#### 17" or "... The answer is (B).".
+        kind: "number" (GSM8K, arithmetic), "yesno" (StrategyQA), "letter" (CommonsenseQA, AQuA)
+            or "text" (free form: the first line after the marker).
+
+    Returns:
+        The normalised answer ("17", "yes", "B", ...), or "" when the text commits to none.
+    """
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"Unknown answer kind {kind!r}; use one of {ANSWER_KINDS}.")
+    region, marked = _answer_region(text)
+    if kind == "number":
+        # After a marker the first number is the answer; without one, the last number written.
+        found = _NUMBER.findall(region)
+        if not found:
+            return ""
+        return normalize_number(found[0] if marked else found[-1])
+    if kind == "yesno":
+        found = _YESNO.findall(region)
+        if not found:
+            return ""
+        return normalize_yesno(found[0] if marked else found[-1])
+    if kind == "letter":
+        if not marked:
+            # Without a marker only an explicit "(X)" counts: a lone "A" is too often the article.
+            found = re.findall(r"\(([A-Ea-e])\)", region)
+            return normalize_letter(found[-1]) if found else ""
+        match = _LETTER.search(region)
+        if not match:
+            return ""
+        return normalize_letter(match.group(1) or match.group(2))
+    # kind == "text"
+    if not marked:
+        return ""
+    first_line = region.strip().split("\n", 1)[0]
+    return normalize_text(first_line)

@@ -1,0 +1,125 @@
+"""`Recipe`: the one contract every dataset recipe follows.
+
+`recipe.load(source)` returns a `datasets.Dataset` with the columns "question", "rationale" and
+"answer" (normalised), whatever the source's own layout. Each recipe only says how one raw row
+maps to those three fields (`parse_row`); reading files, naming bad rows and counting drops
+happen here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from data_recipes.answers import ANSWER_KINDS, extract_answer, normalize_answer
+from data_recipes.sources import is_local_source, iter_rows
+
+COLUMNS = ("question", "rationale", "answer")
+BAD_ROW_POLICIES = ("raise", "drop")
+
+
+class RowError(ValueError):
+    """A raw row that cannot become an example; `field` names the culprit."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"field {field!r}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass
+class LoadReport:
+    """What `Recipe.load` kept and dropped from one source."""
+
+    source: str
+    kept: int = 0
+    dropped: int = 0
+    drop_reasons: list[str] = field(default_factory=list)
+
+
+def require_text(row: dict[str, Any], name: str) -> str:
+    """The non-empty string in `row[name]`, or a `RowError` naming the field."""
+    if name not in row or row[name] is None:
+        raise RowError(name, "missing")
+    value = row[name]
+    if not isinstance(value, str):
+        value = str(value)
+    if not value.strip():
+        raise RowError(name, "empty")
+    return value.strip()
+
+
+class Recipe:
+    """Base class: subclasses set `name`, `answer_kind`, `hub_config` and implement `parse_row`.
+
+    Args:
+        on_bad_row: "raise" (default) stops at the first bad row with an error naming the file,
+            the row number and the field; "drop" skips bad rows and counts them in `last_report`.
+    """
+
+    name: ClassVar[str] = ""
+    answer_kind: ClassVar[str] = "text"
+    hub_config: ClassVar[Optional[str]] = None
+
+    def __init__(self, on_bad_row: str = "raise") -> None:
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}.")
+        if self.answer_kind not in ANSWER_KINDS:
+            raise ValueError(f"answer_kind must be one of {ANSWER_KINDS}, got {self.answer_kind!r}.")
+        self.on_bad_row = on_bad_row
+        self.last_report: Optional[LoadReport] = None
+
+    def parse_row(self, row: dict[str, Any]) -> dict[str, str]:
+        """Map one raw row to {"question", "rationale", "answer"}; raise `RowError` if it cannot."""
+        raise NotImplementedError
+
+    def normalize_answer(self, answer: Any) -> str:
+        """The gold answer in the form `extract_answer` produces, so exact match is meaningful."""
+        return normalize_answer(answer, self.answer_kind)
+
+    def extract_answer(self, text: str) -> str:
+        """The normalised final answer of a generated rationale (see `data_recipes.answers`)."""
+        return extract_answer(text, self.answer_kind)
+
+    def checked_answer(self, raw: Any, field_name: str) -> str:
+        """Normalise `raw` and fail with a `RowError` when nothing of this recipe's kind is left."""
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            raise RowError(field_name, "no final answer")
+        answer = self.normalize_answer(raw)
+        if not answer:
+            raise RowError(field_name, f"no final answer of kind {self.answer_kind!r} in {str(raw)[:60]!r}")
+        return answer
+
+    def load(self, source: str, split: str = "train", max_samples: Optional[int] = None):
+        """Read `source` (a local .jsonl/.json/.parquet path or a Hub id) into a `datasets.Dataset`.
+
+        Args:
+            source: the file or Hub dataset id.
+            split: the Hub split to read (ignored for local files).
+            max_samples: keep at most this many good rows (None: all).
+
+        Returns:
+            A `datasets.Dataset` with columns "question", "rationale", "answer".
+        """
+        import datasets
+
+        report = LoadReport(source=str(source))
+        columns: dict[str, list[str]] = {name: [] for name in COLUMNS}
+        origin = str(source) if is_local_source(str(source)) else f"{source} [{split}]"
+        for number, row in iter_rows(str(source), self.hub_config, split):
+            if max_samples is not None and report.kept >= max_samples:
+                break
+            try:
+                example = self.parse_row(row)
+            except RowError as error:
+                message = f"{origin}: row {number}: {error}"
+                if self.on_bad_row == "raise":
+                    raise ValueError(message + " (pass on_bad_row='drop' to skip such rows)") from error
+                report.dropped += 1
+                report.drop_reasons.append(message)
+                continue
+            for name in COLUMNS:
+                columns[name].append(example[name])
+            report.kept += 1
+        self.last_report = report
+        return datasets.Dataset.from_dict(columns)
