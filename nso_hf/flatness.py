@@ -34,9 +34,8 @@ from torch import nn
 from nso_hf.hvp import (
     HessianOperator,
     LossFn,
-    input_device,
     mean_loss,
-    move_to_device,
+    prepare_measurement,
     select_measured_parameters,
 )
 from nso_hf.measurement import measurement_mode
@@ -148,25 +147,6 @@ def _draw(
     return out
 
 
-def _prepare(
-    model: nn.Module,
-    batches: Iterable[Any],
-    parameters: str,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-) -> tuple[nn.Module, list[tuple[str, nn.Parameter]], list[Any]]:
-    # A DDP wrapper's forward would register gradient-reduction hooks; measure the module inside
-    # (the products are averaged across processes explicitly).
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    named = select_measured_parameters(model, parameters, include, exclude)
-    device = input_device(model)
-    batch_list = [move_to_device(b, device) for b in batches]
-    if not batch_list:
-        raise ValueError("batches is empty: the loss needs at least one batch.")
-    return model, named, batch_list
-
-
 def _mean_stderr(samples: Sequence[float]) -> tuple[float, float]:
     n = len(samples)
     mean = math.fsum(samples) / n
@@ -214,7 +194,7 @@ def hessian_trace(
         raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
     if tolerance is not None and tolerance <= 0:
         raise ValueError(f"tolerance must be > 0 (or None for no early stop), got {tolerance}.")
-    model, named, batch_list = _prepare(model, batches, parameters, include, exclude)
+    model, named, batch_list = prepare_measurement(model, batches, parameters, include, exclude)
     params = [p for _, p in named]
     samples: list[float] = []
     converged = None if tolerance is None else False
@@ -272,7 +252,7 @@ def top_eigenvalue(
     """
     if max_iter < 1 or top_n < 1:
         raise ValueError(f"max_iter and top_n must be >= 1, got max_iter={max_iter}, top_n={top_n}.")
-    model, named, batch_list = _prepare(model, batches, parameters, include, exclude)
+    model, named, batch_list = prepare_measurement(model, batches, parameters, include, exclude)
     params = [p for _, p in named]
     values, residuals, iterations, converged = [], [], [], []
     eigvecs: list[list[torch.Tensor]] = []
@@ -357,7 +337,7 @@ def noise_stability(
     """
     if num_draws < 1 or sigma < 0:
         raise ValueError(f"num_draws must be >= 1 and sigma >= 0, got num_draws={num_draws}, sigma={sigma}.")
-    model, named, batch_list = _prepare(model, batches, parameters, include, exclude)
+    model, named, batch_list = prepare_measurement(model, batches, parameters, include, exclude)
     params = [p for _, p in named]
     samples: list[float] = []
     gens: dict = {}
@@ -430,7 +410,7 @@ def pac_bayes_curvature(
     Raises:
         ValueError: a measured parameter is missing from `init` or has another shape.
     """
-    model, named, batch_list = _prepare(model, batches, parameters, include, exclude)
+    model, named, batch_list = prepare_measurement(model, batches, parameters, include, exclude)
     if isinstance(init, nn.Module):
         init = {clean_parameter_name(n): p for n, p in init.named_parameters(remove_duplicate=False)}
     missing = [n for n, p in named if n not in init or tuple(init[n].shape) != tuple(p.shape)]

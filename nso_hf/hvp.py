@@ -147,6 +147,30 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
         offset += n
 
 
+def prepare_measurement(
+    model: nn.Module,
+    batches: Iterable[Any],
+    parameters: str,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+) -> tuple[nn.Module, list[tuple[str, nn.Parameter]], list[Any]]:
+    """The model to measure (a DDP wrapper removed), its measured parameters, and the batches on its device.
+
+    Raises:
+        ValueError: as `select_measured_parameters`, or no batch.
+    """
+    # A DDP wrapper's forward would register gradient-reduction hooks; measure the module inside
+    # (the products are averaged across processes explicitly).
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    named = select_measured_parameters(model, parameters, include, exclude)
+    device = input_device(model)
+    batch_list = [move_to_device(b, device) for b in batches]
+    if not batch_list:
+        raise ValueError("batches is empty: the loss needs at least one batch.")
+    return model, named, batch_list
+
+
 class HessianOperator:
     """v -> H v, with H the Hessian of the mean batch loss with respect to `params`.
 
