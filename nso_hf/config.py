@@ -7,6 +7,7 @@ A plain dataclass, so `HfArgumentParser((TrainingArguments, NSOConfig))` parses 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
@@ -94,13 +95,12 @@ class NSOConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not self.sigma >= 0:
+        sigma = self.sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma >= 0):
             raise ValueError(
-                f"NSOConfig.sigma must be a float >= 0, got {self.sigma!r}. "
+                f"NSOConfig.sigma must be a finite float >= 0, got {sigma!r}. "
                 "Use a small positive value such as 0.01 (or 0 for no noise)."
             )
-        if self.sigma != self.sigma or self.sigma == float("inf"):
-            raise ValueError(f"NSOConfig.sigma must be finite, got {self.sigma!r}. Use a value such as 0.01.")
         if isinstance(self.num_perturbations, bool) or not isinstance(self.num_perturbations, int) or self.num_perturbations < 1:
             raise ValueError(
                 f"NSOConfig.num_perturbations must be an int >= 1, got {self.num_perturbations!r}. "

@@ -1,0 +1,114 @@
+"""The pure pieces: seeds, parameter selection, noise, exact restore, pass plan, gradient scaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nso_hf import NSOConfig
+from nso_hf.noise import Perturbation, clean_parameter_name, draw_seed, row_rms, select_parameters
+from nso_hf.passes import pass_plan, scale_gradient
+
+
+def test_draw_seed_is_a_pure_function_of_its_fields():
+    fields = (0, 5, 1, 0, 0, 3)
+    assert draw_seed(*fields) == draw_seed(*fields)
+    variants = {draw_seed(*fields[:i], fields[i] + 1, *fields[i + 1 :]) for i in range(len(fields))}
+    assert len(variants) == len(fields) and draw_seed(*fields) not in variants
+    assert 0 <= draw_seed(*fields) < 2**63
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("module.model.layers.0.weight", "model.layers.0.weight"),
+        ("_orig_mod.module.lm_head.weight", "lm_head.weight"),
+        ("_fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.mlp.weight", "model.layers.0.mlp.weight"),
+        ("model.norm.weight", "model.norm.weight"),
+    ],
+)
+def test_wrapper_prefixes_are_stripped(raw, clean):
+    assert clean_parameter_name(raw) == clean
+
+
+def test_select_skips_frozen_and_tied_and_filters():
+    lin = nn.Linear(3, 3)
+    model = nn.ModuleDict({"a": lin, "b": nn.Linear(3, 3), "norm": nn.LayerNorm(3)})
+    model["b"].weight.requires_grad_(False)
+    named = list(model.named_parameters()) + [("tied.weight", lin.weight)]
+    assert [n for n, _ in select_parameters(named)] == ["a.weight", "a.bias", "b.bias", "norm.weight", "norm.bias"]
+    assert [n for n, _ in select_parameters(named, exclude=["bias", "norm"])] == ["a.weight"]
+    assert [n for n, _ in select_parameters(named, include=["^b"])] == ["b.bias"]
+    with pytest.raises(ValueError, match="bad regular expression"):
+        select_parameters(named, include=["("])
+
+
+def test_row_rms():
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(row_rms(w), torch.tensor([[math.sqrt(12.5)], [0.0]]))
+    torch.testing.assert_close(row_rms(torch.tensor([1.0, -1.0])), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_plus_and_minus_noise_then_exact_restore(dtype):
+    params = [torch.randn(64, 32).to(dtype), torch.randn(32).to(dtype)]
+    before = [p.clone() for p in params]
+    pert = Perturbation(params, sigma=0.1, relative=False)
+    pert.apply(+1, [11, 12])
+    plus = [(p.double() - b.double()) for p, b in zip(params, before)]
+    pert.apply(-1, [11, 12])
+    minus = [(p.double() - b.double()) for p, b in zip(params, before)]
+    pert.restore()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)  # bit for bit, in every dtype
+    for u, v in zip(plus, minus):
+        # -U is the same draw negated (up to the rounding of W +/- U into the dtype).
+        tol = {torch.float64: 1e-7, torch.float32: 1e-6}.get(dtype, 2e-2)
+        torch.testing.assert_close(u, -v, rtol=0, atol=tol)
+        assert 0.07 < u.std().item() < 0.13
+
+
+def test_noise_depends_on_seed_only():
+    a, b = torch.zeros(1000), torch.zeros(1000)
+    Perturbation([a], 1.0, False).apply(1, [7])
+    Perturbation([b], 1.0, False).apply(1, [7])
+    assert torch.equal(a, b)
+    Perturbation([b], 1.0, False).apply(1, [8])
+    assert not torch.equal(a, b)
+
+
+def test_relative_noise_follows_row_magnitude_and_spares_zero_rows():
+    w = torch.zeros(3, 4000)
+    w[0], w[1] = 1.0, 10.0  # row 2 stays zero, like a LoRA B at initialisation
+    original = w.clone()
+    Perturbation([w], sigma=0.1, relative=True).apply(1, [0])
+    u = w - original
+    assert u[0].std().item() == pytest.approx(0.1, rel=0.05)
+    assert u[1].std().item() == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(u[2], torch.zeros(4000))
+
+
+@pytest.mark.parametrize("k, two_point, lam", [(1, True, 0.0), (3, True, 0.2), (2, False, 0.0), (4, False, 0.5)])
+def test_pass_plan_weights(k, two_point, lam):
+    cfg = NSOConfig(num_perturbations=k, two_point=two_point, unperturbed_weight=lam)
+    plan = pass_plan(cfg)
+    n_perturbed = (2 if two_point else 1) * k
+    assert len(plan) == cfg.passes_per_micro_batch == n_perturbed + (lam > 0)
+    assert math.isclose(sum(p.weight for p in plan), 1.0)
+    assert [p.clean for p in plan] == [True] * (lam > 0) + [False] * n_perturbed
+    if lam > 0:
+        assert plan[0].weight == lam
+    perturbed = [p for p in plan if not p.clean]
+    assert sorted({p.draw for p in perturbed}) == list(range(k))
+    assert all(p.sign == 1 for p in perturbed[:: 2 if two_point else 1])
+
+
+def test_scale_gradient_keeps_value_and_scales_gradient():
+    x = torch.tensor(3.0, requires_grad=True)
+    y = scale_gradient(x**2, 0.25)
+    assert y.item() == 9.0
+    y.backward()
+    assert x.grad.item() == 0.25 * 6.0
