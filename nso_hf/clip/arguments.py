@@ -1,0 +1,128 @@
+"""Command-line arguments of `scripts/pretrain_clip.py`, parsed by `HfArgumentParser` beside
+`TrainingArguments` and `NSOConfig` (no field name is shared with those two).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nso_hf.clip.presets import PRESETS
+from nso_hf.clip.trainers import METHODS
+
+
+@dataclass
+class CLIPModelArguments:
+    model_preset: str = field(
+        default="tiny",
+        metadata={"help": "Size of a CLIP built from a config: tiny (CPU), small, base (ViT-B/32 shapes).", "choices": list(PRESETS)},
+    )
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "A pretrained CLIP id or folder; overrides model_preset and brings its own tokenizer and image processor."},
+    )
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Image side for a preset model (default: the preset's; tiny 32)."}
+    )
+    max_caption_length: int = field(
+        default=16,
+        metadata={"help": "Longest tokenized caption, bos and eos included; longer ones are cut (eos kept)."},
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "An existing tokenizer for a preset model; default: a word-level one trained on the train captions."},
+    )
+    min_word_frequency: int = field(
+        default=1, metadata={"help": "Words seen fewer times in the train captions map to <unk>."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_preset not in PRESETS:
+            raise ValueError(f"model_preset must be one of {PRESETS}, got {self.model_preset!r}.")
+        if self.max_caption_length < 3:
+            raise ValueError(f"max_caption_length must be >= 3 (bos, a word, eos), got {self.max_caption_length}.")
+
+
+@dataclass
+class CLIPDataArguments:
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "A Hub dataset with image and caption columns. Unset (and no image_folder): the embedded digits."}
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})
+    image_folder: Optional[str] = field(
+        default=None,
+        metadata={"help": "A local folder of images with metadata.jsonl or metadata.csv (file_name + caption columns)."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    caption_column: str = field(
+        default="caption", metadata={"help": "Column holding a caption, or a list of captions (one is drawn per visit)."}
+    )
+    label_column: Optional[str] = field(
+        default=None, metadata={"help": "Integer class column for zero-shot accuracy (the digits default uses 'label')."}
+    )
+    class_names: Optional[list[str]] = field(
+        default=None, metadata={"help": "Class names for zero-shot accuracy (default: the label column's ClassLabel names)."}
+    )
+    zero_shot_templates: Optional[list[str]] = field(
+        default=None, metadata={"help": "Zero-shot prompts with one '{}' for the class name (default: 'a photo of a {}')."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: Optional[str] = field(
+        default=None, metadata={"help": "Held-out split; unset: hold out eval_fraction of the train split."}
+    )
+    eval_fraction: float = field(default=0.2, metadata={"help": "Share of the train split held out when there is no eval_split."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many train rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many held-out rows."})
+    preprocess_images: bool = field(
+        default=False,
+        metadata={"help": "Run the image processor once over the data before training (always on for the digits)."},
+    )
+    augment: bool = field(default=True, metadata={"help": "Random resized crop and brightness/contrast jitter (torch ops)."})
+    crop_scale_min: float = field(default=0.7, metadata={"help": "Smallest share of the image area a random crop keeps."})
+    hflip: bool = field(default=False, metadata={"help": "Also mirror images at random (off: mirrored digits are other symbols)."})
+
+    def __post_init__(self) -> None:
+        if self.dataset_name is not None and self.image_folder is not None:
+            raise ValueError("Give dataset_name or image_folder, not both.")
+
+
+@dataclass
+class CLIPRunArguments:
+    method: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "nso: NSOTrainer (two-point); rwp: NSOTrainer one-point; none: plain Trainer. "
+            "Unset: train one model per compare_methods entry and print a table.",
+            "choices": list(METHODS),
+        },
+    )
+    compare_methods: list[str] = field(
+        default_factory=lambda: ["none", "nso"], metadata={"help": "Methods trained one after the other when method is unset."}
+    )
+    gather_features: bool = field(
+        default=False,
+        metadata={
+            "help": "Contrastive loss over the features of all ranks (more negatives). Needs the same NSO noise on every "
+            "rank, so sync_noise_across_ranks is set to True (an explicit False is an error)."
+        },
+    )
+    max_logit_scale: float = field(
+        default=math.log(100.0), metadata={"help": "Upper bound of CLIP's log temperature, clamped after each optimizer step."}
+    )
+    save_final_model: bool = field(
+        default=False, metadata={"help": "Save model, tokenizer and image processor to output_dir after training."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        bad = [m for m in self.compare_methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"compare_methods may hold {METHODS} only, got {bad}.")
+        if len(set(self.compare_methods)) != len(self.compare_methods):
+            raise ValueError(f"compare_methods repeats a method: {self.compare_methods}.")
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if self.method is not None else list(self.compare_methods)

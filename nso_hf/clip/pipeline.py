@@ -1,0 +1,167 @@
+"""Train one CLIP per method on the same data and evaluate each: the library side of `pretrain_clip.py`.
+
+`run_method` builds the Trainer class the method names (`trainers.trainer_class`), trains with the
+logit-scale clamp and a step timer, evaluates the held-out split on the main process and writes
+`eval_results.json`. `run_methods` repeats it per method from the same initial weights and data
+order (each model is built from `training_args.seed`), and `format_table` prints the comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from transformers import CLIPModel, TrainingArguments
+
+from nso_hf.clip.collator import CLIPCollator
+from nso_hf.clip.evaluation import evaluate_clip, write_json
+from nso_hf.clip.logit_scale import DEFAULT_MAX_LOGIT_SCALE, LogitScaleClampCallback
+from nso_hf.clip.timing import StepTimer
+from nso_hf.clip.trainers import nso_kwargs, trainer_class
+from nso_hf.config import NSOConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CLIPTask:
+    """Everything a run needs besides the model and the training arguments.
+
+    Attributes:
+        train, eval: datasets of image-caption rows.
+        collator: the training collator (with augmentation); evaluation uses a copy without it.
+        class_names: zero-shot classes (None: no zero-shot accuracy).
+        templates: zero-shot prompts with one "{}".
+        label_column: integer class per row, indexing `class_names`.
+    """
+
+    train: Any
+    eval: Any
+    collator: CLIPCollator
+    class_names: Sequence[str] | None = None
+    templates: Sequence[str] = ("a photo of a {}",)
+    label_column: str | None = "label"
+    extra_processors: list[Any] = field(default_factory=list)  # saved beside the model (image processor)
+
+
+def run_method(
+    method: str,
+    make_model: Callable[[], CLIPModel],
+    task: CLIPTask,
+    training_args: TrainingArguments,
+    nso_config: NSOConfig | None,
+    gather_features: bool = False,
+    save_model: bool = False,
+    max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE,
+) -> dict[str, Any]:
+    """Train and evaluate one model.
+
+    Args:
+        method: "nso", "rwp" or "none".
+        make_model: returns a fresh model (called once, after seeding with `training_args.seed`).
+        task: data, collator and evaluation settings.
+        training_args: used as given (its `output_dir` receives the JSON).
+        nso_config: NSO settings for "nso"/"rwp" (`two_point` is set by the method).
+        gather_features: contrastive loss over all ranks' features.
+        save_model: save the final model, tokenizer and image processor to `output_dir`.
+        max_logit_scale: bound of the log temperature, clamped after every optimizer step.
+
+    Returns:
+        The held-out metrics plus `train_loss`, `steps`, `seconds_per_step` (median) and `method`;
+        on ranks other than the main one, the training numbers only.
+    """
+    import torch
+
+    torch.manual_seed(training_args.seed)
+    model = make_model()
+    cls = trainer_class(method, gather_features)
+    timer = StepTimer()
+    trainer = cls(
+        model=model,
+        args=training_args,
+        train_dataset=task.train,
+        data_collator=task.collator,
+        processing_class=task.collator.tokenizer,
+        callbacks=[LogitScaleClampCallback(max_logit_scale), timer],
+        **nso_kwargs(method, nso_config if nso_config is not None else NSOConfig()),
+    )
+    result = trainer.train()
+    out: dict[str, Any] = {
+        "method": method,
+        "train_loss": float(result.training_loss),
+        "steps": int(result.global_step),
+        "seconds_per_step": timer.median_seconds(),
+        "logit_scale": float(trainer.model.logit_scale.detach().float().item()),
+    }
+    if trainer.is_world_process_zero():
+        eval_collator = replace(task.collator, augment=None, random_caption=False)
+        out.update(
+            evaluate_clip(
+                trainer.model, task.eval, eval_collator, task.class_names, task.templates, task.label_column,
+                batch_size=training_args.per_device_eval_batch_size * 4,
+            )
+        )
+        if not all(math.isfinite(v) for v in out.values() if isinstance(v, float)):
+            logger.warning("Non-finite numbers in the results of method %s: %s", method, out)
+        write_json(out, os.path.join(training_args.output_dir, "eval_results.json"))
+    if save_model:
+        trainer.save_model()
+        if trainer.is_world_process_zero():
+            for processor in task.extra_processors:
+                processor.save_pretrained(training_args.output_dir)
+    return out
+
+
+def run_methods(
+    methods: Sequence[str],
+    make_model: Callable[[], CLIPModel],
+    task: CLIPTask,
+    training_args: TrainingArguments,
+    nso_config: NSOConfig | None,
+    gather_features: bool = False,
+    save_model: bool = False,
+    max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE,
+) -> dict[str, dict[str, Any]]:
+    """`run_method` for each method, each in `output_dir/<method>` when there are several; results JSON in `output_dir`."""
+    results = {}
+    for method in methods:
+        args = training_args
+        if len(methods) > 1:
+            args = copy.deepcopy(training_args)
+            args.output_dir = os.path.join(training_args.output_dir, method)
+        results[method] = run_method(
+            method, make_model, task, args, nso_config, gather_features, save_model, max_logit_scale
+        )
+    if training_args.process_index == 0:
+        write_json(results, os.path.join(training_args.output_dir, "clip_results.json"))
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Args: results: {method: metrics} from `run_methods`. Returns: a Markdown table, one row per method."""
+    columns = [
+        ("zero-shot acc", "zero_shot_accuracy", "{:.3f}"),
+        ("i2t R@1", "i2t_recall@1", "{:.3f}"),
+        ("t2i R@1", "t2i_recall@1", "{:.3f}"),
+        ("i2t R@5", "i2t_recall@5", "{:.3f}"),
+        ("train loss", "train_loss", "{:.3f}"),
+        ("ms / step", "seconds_per_step", "{:.0f}"),
+    ]
+    names = {"none": "Trainer", "nso": "NSOTrainer (NSO)", "rwp": "NSOTrainer (RWP)"}
+    header = "| method | " + " | ".join(c[0] for c in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    for method, m in results.items():
+        cells = []
+        for _, key, fmt in columns:
+            value = m.get(key)
+            if value is None:
+                cells.append("-")
+            else:
+                cells.append(fmt.format(value * 1000 if key == "seconds_per_step" else value))
+        lines.append(f"| {names.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
