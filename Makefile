@@ -11,11 +11,12 @@ PYTEST_FLAGS ?= -q
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins what the suite was last run with; the package itself only sets lower bounds.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 # Default suite: CPU only, offline, under 10 minutes on 2 cores.

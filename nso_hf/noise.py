@@ -172,9 +172,10 @@ class Perturbation:
         for target, saved, seed in zip(map(local_tensor, self.params), self.backup, seeds, strict=True):
             # Relative noise scales by the row RMS of the clean W (the backup): the same for +U and -U.
             noise = gaussian_noise(saved, self._generator(target.device, seed), self.sigma, self.relative)
-            # Add in at least float32 and round once into the parameter's dtype.
-            work = saved.to(torch.promote_types(saved.dtype, torch.float32))
-            target.copy_(work.add(noise, alpha=sign))
+            # In-place add with a float32 operand computes in (at least) float32 and rounds once
+            # into the parameter's dtype; no temporary beyond the noise itself.
+            target.copy_(saved)
+            target.add_(noise, alpha=sign)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -35,6 +35,10 @@ class NSOMixin:
     Accepts one keyword more than the Trainer it is mixed into: `nso_config` (default `NSOConfig()`).
     """
 
+    # Counters that a parent's `compute_loss` advances once per call (trl's SFTTrainer counts
+    # tokens there). The step calls it once per pass, so they are put back to one count per micro-batch.
+    nso_counted_per_micro_batch: tuple[str, ...] = ("_total_train_tokens",)
+
     def __init__(self, *args: Any, nso_config: NSOConfig | None = None, **kwargs: Any):
         if nso_config is None:
             nso_config = NSOConfig()
@@ -63,6 +67,7 @@ class NSOMixin:
         # Snapshot W (the one extra copy) and the global RNG (so every pass draws the same dropout).
         perturbation = Perturbation([p for _, p in named], cfg.sigma, relative=cfg.noise_scale == "relative")
         rng = GlobalRNGState.capture()
+        counters = {a: getattr(self, a) for a in self.nso_counted_per_micro_batch if hasattr(self, a)}
         losses: list[tuple[Pass, torch.Tensor, bool]] = []
         try:
             for i, p in enumerate(plan):
@@ -81,6 +86,7 @@ class NSOMixin:
             perturbation.restore()
             del perturbation
         self._nso_window = (step, micro_step + 1)
+        self._nso_count_once(counters, len(losses))
 
         perturbed = [loss for p, loss, skipped in losses if not p.clean and not skipped]
         mean_perturbed = torch.stack(perturbed).mean() if perturbed else torch.full_like(losses[-1][1], float("nan"))
@@ -120,6 +126,14 @@ class NSOMixin:
                 )
             self._nso_params = (id(model), selected)
         return self._nso_params[1]
+
+    def _nso_count_once(self, before: dict[str, Any], passes: int) -> None:
+        for attr, start in before.items():
+            once = start + (getattr(self, attr) - start) // passes
+            setattr(self, attr, once)
+            metrics = getattr(self, "_metrics", {}).get("train", {})
+            if attr == "_total_train_tokens" and "num_tokens" in metrics:  # trl mirrors the counter there
+                metrics["num_tokens"] = [once]
 
     def _nso_seed_table(self, named: list[tuple[str, nn.Parameter]], step: int, micro_step: int) -> list[list[int]]:
         """seeds[draw][tensor]: replicated tensors share the draw across ranks when asked; shards never do."""

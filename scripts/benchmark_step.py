@@ -1,0 +1,185 @@
+"""Per-step time and peak memory of NSOTrainer (k=1, lam=0) against plain Trainer.
+
+    python scripts/benchmark_step.py                 # what `make bench` runs
+    python scripts/benchmark_step.py --steps 40 --hidden_size 512
+
+Both trainers run in this process on the same tiny Llama-style model and data, for LoRA and full
+fine-tuning; the step time is the median over `--steps` optimizer steps after `--warmup` steps
+(timed from on_step_begin to on_step_end, so it includes the optimizer). Peak memory: on CUDA,
+`max_memory_allocated` in this process; on CPU, the peak resident set size of a fresh child process
+per run (Linux VmHWM), reported both in total and as growth over the RSS before training.
+Printed as NSO/Trainer ratios. Two passes per step are the floor for the two-point step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import (
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from nso_hf import NSOConfig, NSOTrainer
+
+
+@dataclass
+class BenchArguments:
+    hidden_size: int = field(default=256, metadata={"help": "Width of the Llama-style model."})
+    num_layers: int = field(default=4, metadata={"help": "Decoder layers."})
+    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size."})
+    seq_len: int = field(default=128, metadata={"help": "Tokens per example."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per step."})
+    steps: int = field(default=20, metadata={"help": "Timed optimizer steps (the median is reported)."})
+    warmup: int = field(default=3, metadata={"help": "Untimed steps first (allocator and caches warm up)."})
+    modes: list[str] = field(default_factory=lambda: ["lora", "full"], metadata={"help": "lora and/or full."})
+    output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
+    child: str | None = field(default=None, metadata={"help": "Internal: run one 'method:mode' and print its memory."})
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self.start)
+
+
+def build_model(bench: BenchArguments, lora: bool):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=bench.vocab_size,
+        hidden_size=bench.hidden_size,
+        intermediate_size=4 * bench.hidden_size,
+        num_hidden_layers=bench.num_layers,
+        num_attention_heads=max(bench.hidden_size // 64, 1),
+        max_position_embeddings=bench.seq_len,
+    )
+    model = LlamaForCausalLM(config)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dataset(bench: BenchArguments) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    n = bench.batch_size * (bench.warmup + bench.steps)
+    ids = torch.randint(0, bench.vocab_size, (n, bench.seq_len), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def run(bench: BenchArguments, method: str, mode: str) -> Trainer:
+    """Train warmup + steps optimizer steps; the trainer carries `timer.times`."""
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="nso-bench-"),
+        per_device_train_batch_size=bench.batch_size,
+        max_steps=bench.warmup + bench.steps,
+        learning_rate=1e-4,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    timer = StepTimer()
+    kwargs = dict(model=build_model(bench, mode == "lora"), args=args, train_dataset=dataset(bench), callbacks=[timer])
+    trainer = (
+        NSOTrainer(**kwargs, nso_config=NSOConfig(sigma=0.01, num_perturbations=1))
+        if method == "nso"
+        else Trainer(**kwargs)
+    )
+    trainer.remove_callback(PrinterCallback)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    trainer.step_times = timer.times[bench.warmup :]
+    return trainer
+
+
+def _rss_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def child_memory(bench: BenchArguments) -> None:
+    """In a fresh process: peak RSS of one run, and its growth over the RSS before training."""
+    method, mode = bench.child.split(":")
+    before = _rss_mb("VmRSS")
+    run(bench, method, mode)
+    print(json.dumps({"peak_mb": _rss_mb("VmHWM"), "before_mb": before}))
+
+
+def cpu_memory(bench: BenchArguments, method: str, mode: str) -> dict[str, float]:
+    small = [f"--{k}={v}" for k, v in (("hidden_size", bench.hidden_size), ("num_layers", bench.num_layers),
+             ("vocab_size", bench.vocab_size), ("seq_len", bench.seq_len), ("batch_size", bench.batch_size),
+             ("steps", 3), ("warmup", 1))]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, *small, "--child", f"{method}:{mode}"], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(bench: BenchArguments) -> dict:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    results = {"device": device, "settings": {k: v for k, v in asdict(bench).items() if k not in ("child", "output_json")}}
+    print(f"# NSOTrainer (k=1, lam=0) vs Trainer on {device}; median of {bench.steps} steps after {bench.warmup} warm-up")
+    print(f"{'mode':<6}{'trainer s/step':>16}{'nso s/step':>12}{'time ratio':>12}{'peak-mem ratio':>16}{'growth ratio':>14}")
+    for mode in bench.modes:
+        if mode not in ("lora", "full"):
+            raise ValueError(f"--modes takes 'lora' and/or 'full', got {mode!r}")
+        row = {}
+        for method in ("trainer", "nso"):
+            trainer = run(bench, method, mode)
+            row[method] = {"s_per_step": statistics.median(trainer.step_times)}
+            if torch.cuda.is_available():
+                row[method]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                row[method]["growth_mb"] = row[method]["peak_mb"]
+            else:
+                mem = cpu_memory(bench, method, mode)
+                row[method]["peak_mb"] = mem["peak_mb"]
+                row[method]["growth_mb"] = mem["peak_mb"] - mem["before_mb"]
+            del trainer
+        t, n = row["trainer"], row["nso"]
+        row["time_ratio"] = n["s_per_step"] / t["s_per_step"]
+        row["peak_memory_ratio"] = n["peak_mb"] / t["peak_mb"]
+        row["memory_growth_ratio"] = n["growth_mb"] / t["growth_mb"]
+        results[mode] = row
+        print(
+            f"{mode:<6}{t['s_per_step']:>16.4f}{n['s_per_step']:>12.4f}{row['time_ratio']:>12.3f}"
+            f"{row['peak_memory_ratio']:>16.3f}{row['memory_growth_ratio']:>14.3f}"
+        )
+    if bench.output_json:
+        with open(bench.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    (bench,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
+    child_memory(bench) if bench.child else main(bench)
