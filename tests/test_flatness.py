@@ -325,3 +325,41 @@ def test_callback_without_trainer_raises():
     callback = FlatnessCallback([{"x": torch.zeros(1)}])
     with pytest.raises(ValueError, match=r"no trainer to log through: pass FlatnessCallback\(batches, trainer=trainer\)"):
         callback.on_train_begin(None, None, None)
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # Loaded from a file, not passed to spawn: torch.multiprocessing would share the tensors' memory
+    # between the processes, and one rank's perturbation would show in the other's weights.
+    model, batches = torch.load(f"{out_dir}/inputs.pt", weights_only=False)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mine = [batches[rank]]
+        result = {
+            "trace": hessian_trace(model, mine, num_probes=5, loss_fn=cross_entropy_loss).samples,
+            "eig": top_eigenvalue(model, mine, max_iter=10, loss_fn=cross_entropy_loss).values,
+            "noise": noise_stability(model, mine, sigma=0.1, num_draws=3, loss_fn=cross_entropy_loss).samples,
+        }
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_estimates_average_across_ranks(tmp_path, trained_mlp):
+    """Two gloo processes, one batch each, give the estimate of one process holding both batches."""
+    import torch.multiprocessing as mp
+
+    mlp, batches, _ = trained_mlp
+    x, y = batches[0]
+    halves = [(x[:32], y[:32]), (x[32:], y[32:])]
+    torch.save((mlp, halves), tmp_path / "inputs.pt")
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = {
+        "trace": hessian_trace(mlp, halves, num_probes=5, loss_fn=cross_entropy_loss).samples,
+        "eig": top_eigenvalue(mlp, halves, max_iter=10, loss_fn=cross_entropy_loss).values,
+        "noise": noise_stability(mlp, halves, sigma=0.1, num_draws=3, loss_fn=cross_entropy_loss).samples,
+    }
+    for key, expected in single.items():
+        for result in ranks:  # every rank returns the same, whole-data estimate
+            torch.testing.assert_close(torch.tensor(result[key]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
