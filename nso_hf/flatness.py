@@ -63,7 +63,8 @@ class EigenEstimate:
     """Eigenvalues of H by power iteration, largest magnitude first.
 
     residuals[i] = ||H v_i - lambda_i v_i|| for the unit vector v_i: H being symmetric, some
-    eigenvalue lies within residuals[i] of values[i] (an error bound, not a standard error).
+    eigenvalue lies within residuals[i] of values[i] (an error bound, not a standard error). For
+    i > 0 it is the residual of the deflated operator P H P (P: away from the earlier vectors).
     """
 
     values: list[float]

@@ -137,7 +137,8 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
     if world == 1 or not tensors:
         return
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    # One buffer on the first tensor's device (a model spread over devices has tensors on several).
+    flat = torch.cat([t.reshape(-1).to(device=tensors[0].device, dtype=dtype) for t in tensors])
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
     flat /= world
     offset = 0
