@@ -73,7 +73,9 @@ class FlatnessCallback(TrainerCallback):
         self.every_n_steps, self.on_evaluate_flag = every_n_steps, on_evaluate
         self.num_probes, self.trace_tolerance = num_probes, trace_tolerance
         self.max_iter, self.eigen_tolerance = max_iter, eigen_tolerance
-        self.scope = {"loss_fn": loss_fn, "parameters": parameters, "include": include, "exclude": exclude, "seed": seed}
+        self.scope = {
+            "loss_fn": loss_fn, "parameters": parameters, "include": include, "exclude": exclude, "seed": seed
+        }
         self._last_step: int | None = None
 
     def bind(self, trainer: Any) -> FlatnessCallback:

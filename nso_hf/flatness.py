@@ -285,7 +285,9 @@ def top_eigenvalue(
                     project(hv)
                     lam = _dot(v, hv)
                     # ||Hv - lam v||, computed directly: ||Hv||^2 - lam^2 cancels catastrophically.
-                    residual = math.sqrt(sum(float((h.double() - lam * x.double()).square().sum()) for h, x in zip(hv, v)))
+                    residual = math.sqrt(
+                        sum(float((h.double() - lam * x.double()).square().sum()) for h, x in zip(hv, v))
+                    )
                     done = lam_prev is not None and abs(lam - lam_prev) <= tolerance * max(abs(lam_prev), 1e-30)
                     lam_prev = lam
                     if normalise(hv) == 0:  # v is in H's null space (on the complement): eigenvalue 0
@@ -381,7 +383,8 @@ def snapshot_parameters(
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    return {n: p.detach().to("cpu", copy=True) for n, p in select_measured_parameters(model, parameters, include, exclude)}
+    named = select_measured_parameters(model, parameters, include, exclude)
+    return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
 
 def pac_bayes_curvature(

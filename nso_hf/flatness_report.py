@@ -75,7 +75,8 @@ def flatness_report(
     trace = hessian_trace(model, batches, settings.num_probes, loss_fn=loss_fn, seed=settings.seed)
     eig = top_eigenvalue(model, batches, settings.max_iter, top_n=settings.top_n, loss_fn=loss_fn, seed=settings.seed)
     noise = noise_stability(model, batches, settings.sigma, settings.num_draws, loss_fn=loss_fn, seed=settings.seed)
-    curve = loss_curve(model, batches, grid(settings.radius, settings.curve_points), loss_fn=loss_fn, seed=settings.seed)
+    alphas = grid(settings.radius, settings.curve_points)
+    curve = loss_curve(model, batches, alphas, loss_fn=loss_fn, seed=settings.seed)
     surface = None
     if settings.surface_points:
         axis = grid(settings.radius, settings.surface_points)

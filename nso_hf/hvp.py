@@ -216,7 +216,9 @@ class HessianOperator:
             for b in self.batches:
                 yield self._gradients(b)
 
-    def _grad_of(self, grads: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _grad_of(
+        self, grads: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
         pairs = [(g, v) for g, v in zip(grads, vectors) if g.requires_grad]
         if not pairs:  # the loss is linear in every measured parameter: H = 0
             return [torch.zeros_like(p) for p in wrt]

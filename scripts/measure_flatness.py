@@ -67,17 +67,20 @@ class MeasureFlatnessArguments:
     )
     base_model: Optional[str] = field(
         default=None,
-        metadata={"help": "Base model folder of adapter checkpoints (default: base_model_name_or_path in adapter_config.json)."},
+        metadata={
+            "help": "Base model folder of adapter checkpoints (default: the adapter's base_model_name_or_path)."
+        },
     )
     reference_checkpoint: Optional[str] = field(
         default=None,
         metadata={
-            "help": "W_init for the PAC-Bayes quantity: the pretrained model for full checkpoints, or an adapter folder "
-            "saved at initialisation for adapters. Without it that entry is null."
+            "help": "W_init for the PAC-Bayes quantity: the pretrained model for full checkpoints, or an adapter "
+            "folder saved at initialisation for adapters. Without it that entry is null."
         },
     )
     data_file: Optional[str] = field(
-        default=None, metadata={"help": "JSONL file, or JSON list, of objects with --text_field. Default: embedded sentences."}
+        default=None,
+        metadata={"help": "JSONL file, or JSON list, of objects with --text_field. Default: embedded sentences."},
     )
     text_field: str = field(default="text", metadata={"help": "Key of the text in each data object."})
     max_length: int = field(default=64, metadata={"help": "Tokens per text (longer texts are truncated)."})
@@ -91,7 +94,8 @@ class MeasureFlatnessArguments:
     noise_sigma: float = field(default=0.01, metadata={"help": "Standard deviation of the noise for noise stability."})
     num_draws: int = field(default=20, metadata={"help": "Noise draws for noise stability (2 forward passes each)."})
     landscape_radius: float = field(
-        default=1.0, metadata={"help": "Landscape range [-r, r]; 1 moves every filter by its own norm (Li et al. 2018)."}
+        default=1.0,
+        metadata={"help": "Landscape range [-r, r]; 1 moves every filter by its own norm (Li et al. 2018)."},
     )
     curve_points: int = field(default=21, metadata={"help": "Points of the 1-D curve."})
     surface_points: int = field(default=0, metadata={"help": "Points per axis of a 2-D surface (0: none)."})

@@ -98,7 +98,8 @@ def test_script_writes_json_and_png_for_two_checkpoints(tmp_path, script):
     assert init["pac_bayes_curvature"]["total"] == 0.0 and init["pac_bayes_curvature"]["displacement_norm"] == 0.0
     assert trained["pac_bayes_curvature"]["displacement_norm"] > 0
     assert trained["loss"] < init["loss"]
-    assert init["num_parameters_measured"] == sum(p.numel() for p in LlamaForCausalLM.from_pretrained(init_dir).parameters())
+    saved = LlamaForCausalLM.from_pretrained(init_dir)
+    assert init["num_parameters_measured"] == sum(p.numel() for p in saved.parameters())
 
 
 def test_script_measures_adapter_checkpoint(tmp_path, script):
