@@ -21,6 +21,15 @@ from nso_hf.hvp import HessianOperator, select_measured_parameters
 from nso_hf.measurement import measurement_mode
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation, which stalls on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
@@ -364,3 +373,34 @@ def test_distributed_estimates_average_across_ranks(tmp_path, trained_mlp):
     for key, expected in single.items():
         for result in ranks:  # every rank returns the same, whole-data estimate
             torch.testing.assert_close(torch.tensor(result[key]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_that_cannot_switch_raises_clear_error():
+    model = DropoutMLP()
+    model.config = SimpleNamespace(_attn_implementation="flash_attention_2")  # no set_attn_implementation
+    batches = [{"x": torch.randn(4, 5), "labels": torch.randint(0, 2, (4,))}]
+    with pytest.raises(ValueError, match=r'no double backward .* Load the model with attn_implementation="eager"'):
+        hessian_trace(model, batches, num_probes=1)
+    assert model.config._attn_implementation == "flash_attention_2" and model.training
+
+
+def test_state_is_restored_when_the_measure_fails():
+    from conftest import lm_examples, tiny_llama
+
+    model = tiny_llama(seed=0).train()
+    model.set_attn_implementation("sdpa")
+    batch = {k: torch.stack([e[k] for e in lm_examples(2)]) for k in ("input_ids", "labels")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def failing_loss(m, b):
+        calls.append(m.config._attn_implementation)
+        if len(calls) == 3:
+            raise RuntimeError("loss failed")
+        return m(**b).loss
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        noise_stability(model, [batch], sigma=0.5, num_draws=2, loss_fn=failing_loss)
+    assert calls == ["eager"] * 3  # measured under eager attention, failed while perturbed
+    assert model.config._attn_implementation == "sdpa" and model.training
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
