@@ -119,7 +119,7 @@ class NSOMixin:
             selected = select_parameters(
                 model.named_parameters(), self.nso_config.perturb_include, self.nso_config.perturb_exclude
             )
-            if self.nso_config.noise_scale == "relative" and any(is_sharded(p) for _, p in selected):
+            if self.nso_config.noise_scale == "relative" and any(self._nso_sharded(p) for _, p in selected):
                 raise ValueError(
                     "NSOConfig.noise_scale='relative' needs whole rows, but the parameters are sharded "
                     "(FSDP/ZeRO-3). Use noise_scale='absolute'."
@@ -135,12 +135,16 @@ class NSOMixin:
             if attr == "_total_train_tokens" and "num_tokens" in metrics:  # trl mirrors the counter there
                 metrics["num_tokens"] = [once]
 
+    def _nso_sharded(self, param: nn.Parameter) -> bool:
+        # FSDP1 (use_orig_params) exposes flat 1-D shard views that carry no mark of their own.
+        return getattr(self, "is_fsdp_enabled", False) or is_sharded(param)
+
     def _nso_seed_table(self, named: list[tuple[str, nn.Parameter]], step: int, micro_step: int) -> list[list[int]]:
         """seeds[draw][tensor]: replicated tensors share the draw across ranks when asked; shards never do."""
         cfg = self.nso_config
         seed = cfg.noise_seed if cfg.noise_seed is not None else self.args.seed
         rank = self.args.process_index
-        ranks = [rank if (is_sharded(p) or not cfg.sync_noise_across_ranks) else 0 for _, p in named]
+        ranks = [rank if (self._nso_sharded(p) or not cfg.sync_noise_across_ranks) else 0 for _, p in named]
         return [
             [draw_seed(seed, step, micro_step, r, j, t) for t, r in enumerate(ranks)]
             for j in range(cfg.num_perturbations)
