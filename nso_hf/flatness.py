@@ -118,7 +118,7 @@ class PacBayesCurvature:
     num_parameters: int
 
 
-# --- helpers ----------------------------------------------------------------------------------
+# --- vector arithmetic and draws -----------------------------------------------------------------------------
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
