@@ -51,7 +51,7 @@ class CoTScriptArguments:
         metadata={"help": "Cache of the pretrained tiny default base model (default ~/.cache/nso_hf)."},
     )
     tiny_pretrain_steps: int = field(
-        default=600, metadata={"help": "Pretraining steps of the tiny default base model (part of its cache key)."}
+        default=450, metadata={"help": "Pretraining steps of the tiny default base model (part of its cache key)."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Longest generation at evaluation."})
     generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call at evaluation."})

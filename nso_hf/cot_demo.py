@@ -22,10 +22,10 @@ DEMO_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "script": {"max_new_tokens": 72, "generation_batch_size": 100, "hessian_trace_probes": 20},
         "data": {"synthetic_num_train": 2000, "synthetic_num_eval": 200, "max_length": 192, "template": "plain"},
-        "training": {"max_steps": 200, "per_device_train_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 10},
+        "training": {"max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 10},
         "lora": {"lora_r": 8, "lora_alpha": 16},
     },
-    # About 1 s per LoRA step at batch 4 on 2 cores; the model loads in about 30 s.
+    # A short run: 8 LoRA steps per method on the real 135M-parameter model, 16 evaluation problems.
     "smollm2": {
         "script": {"preset": "smollm2", "max_new_tokens": 64, "generation_batch_size": 16, "hessian_trace_probes": 0},
         "data": {"synthetic_num_train": 200, "synthetic_num_eval": 16, "max_length": 256, "template": "auto"},
@@ -63,7 +63,7 @@ def demo_arguments(method: str, preset: str, output_dir: str, cache_dir: Optiona
 def format_table(results: list[dict[str, Any]]) -> str:
     """A Markdown table: accuracy per evaluation, Hessian trace, seconds per step, per method."""
     names = list(results[0]["eval"])
-    header = ["method"] + [f"accuracy {n}" for n in names] + ["Hessian trace (adapters)", "s/step", "final train loss"]
+    header = ["method"] + [f"accuracy {n}" for n in names] + ["Hessian trace (adapters)", "s/step", "mean train loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         trace = r["hessian_trace"]
@@ -83,9 +83,19 @@ def run_cot_demo(
     methods: tuple[str, ...] = ("none", "nso"),
 ) -> list[dict[str, Any]]:
     """Run the comparison, print the table and write it to `output_dir/table.md`; returns each run's results."""
+    import torch
+
     from nso_hf.cot_finetune import run_cot_finetune
 
-    results = [run_cot_finetune(*demo_arguments(m, preset, output_dir, cache_dir)) for m in methods]
+    # One thread: the tiny model's matrices gain little from a second one, and when the cores are
+    # shared with other work, two threads spin-wait: measured on 2 busy cores (load 5), a tiny-model
+    # step took 1-4 s with 2 threads and 0.13 s with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if preset == "tiny" else threads)
+    try:
+        results = [run_cot_finetune(*demo_arguments(m, preset, output_dir, cache_dir)) for m in methods]
+    finally:
+        torch.set_num_threads(threads)
     table = format_table(results)
     print("\n" + table + "\n", flush=True)
     os.makedirs(output_dir, exist_ok=True)

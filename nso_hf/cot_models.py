@@ -36,7 +36,7 @@ def resolve_model_source(
     gguf_file: Optional[str],
     preset: Optional[str],
     base_model_cache_dir: Optional[str] = None,
-    tiny_pretrain_steps: int = 600,
+    tiny_pretrain_steps: int = 450,
 ) -> tuple[str, Optional[str]]:
     """(path or Hub id, gguf file or None) of the model to fine-tune; builds the tiny default if needed."""
     if preset == "smollm2":

@@ -130,10 +130,18 @@ def test_accelerate_launch_one_process(tiny_model_dir, tmp_path):
     assert results["hessian_trace"]["stderr"] >= 0
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     output_dir = str(tmp_path / "out")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", SCRIPT,
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(), SCRIPT,
         *_run_args(tiny_model_dir, output_dir, "rwp"), "--use_cpu", "true", "--ddp_backend", "gloo",
     ]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
