@@ -23,7 +23,11 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from nso_hf import NSOConfig
-from nso_hf.clip.arguments import CLIPDataArguments, CLIPModelArguments, CLIPRunArguments
+from nso_hf.clip.arguments import (
+    CLIPDataArguments,
+    CLIPModelArguments,
+    CLIPRunArguments,
+)
 from nso_hf.clip.build import build_task
 from nso_hf.clip.gather import require_shared_noise
 from nso_hf.clip.pipeline import format_table, run_methods
@@ -40,7 +44,7 @@ SCRIPT_DEFAULTS = dict(
     weight_decay=0.1,  # CLIP's setting
     warmup_steps=20,
     lr_scheduler_type="cosine",
-    num_train_epochs=12,
+    num_train_epochs=30,  # 690 steps: both methods reach over 90% zero-shot accuracy on the digits
     logging_steps=50,
     save_strategy="no",
     report_to="none",
@@ -94,9 +98,9 @@ def main(
         raise ValueError("remove_unused_columns must be False: the collator reads the image and caption columns.")
     if "two_point" in explicit and run_args.method in ("nso", "rwp") and nso_config.two_point != (run_args.method == "nso"):
         raise ValueError(f"--method {run_args.method} sets two_point={run_args.method == 'nso'}; drop --two_point.")
-    if run_args.gather_features:
+    if run_args.gather_features and any(m != "none" for m in run_args.methods):
         require_shared_noise(nso_config, explicitly_set="sync_noise_across_ranks" in explicit)
-    task, make_model = build_task(model_args, data_args, training_args.seed)
+    task, make_model = build_task(model_args, data_args)
     results = run_methods(
         run_args.methods,
         make_model,
@@ -114,6 +118,9 @@ def main(
 
 
 if __name__ == "__main__":
+    import datasets
+
+    datasets.disable_progress_bars()  # the one-off preprocessing maps would otherwise flood the log
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     (model_args, data_args, run_args, training_args, nso_config), explicit = parse(sys.argv[1:])
     main(model_args, data_args, run_args, training_args, nso_config, explicit)

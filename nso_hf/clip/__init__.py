@@ -3,11 +3,20 @@
 `scripts/pretrain_clip.py` is the command-line entry; everything it does is importable from here.
 """
 
-from nso_hf.clip.arguments import CLIPDataArguments, CLIPModelArguments, CLIPRunArguments
+from nso_hf.clip.arguments import (
+    CLIPDataArguments,
+    CLIPModelArguments,
+    CLIPRunArguments,
+)
 from nso_hf.clip.augment import Augment
 from nso_hf.clip.collator import CLIPCollator
 from nso_hf.clip.evaluation import evaluate_clip
-from nso_hf.clip.gather import contrastive_loss, gather_with_local_grad, gathered_contrastive_loss, require_shared_noise
+from nso_hf.clip.gather import (
+    contrastive_loss,
+    gather_with_local_grad,
+    gathered_contrastive_loss,
+    require_shared_noise,
+)
 from nso_hf.clip.logit_scale import LogitScaleClampCallback, clamp_logit_scale
 from nso_hf.clip.metrics import class_embeddings, recall_at_k, zero_shot_accuracy
 from nso_hf.clip.pipeline import CLIPTask, format_table, run_method, run_methods
@@ -16,6 +25,8 @@ from nso_hf.clip.tokenizer import build_word_tokenizer
 from nso_hf.clip.trainers import METHODS, trainer_class
 
 __all__ = [
+    "METHODS",
+    "PRESETS",
     "Augment",
     "CLIPCollator",
     "CLIPDataArguments",
@@ -23,8 +34,6 @@ __all__ = [
     "CLIPRunArguments",
     "CLIPTask",
     "LogitScaleClampCallback",
-    "METHODS",
-    "PRESETS",
     "build_word_tokenizer",
     "clamp_logit_scale",
     "class_embeddings",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 from nso_hf.clip.presets import PRESETS
 from nso_hf.clip.trainers import METHODS
@@ -18,18 +17,18 @@ class CLIPModelArguments:
         default="tiny",
         metadata={"help": "Size of a CLIP built from a config: tiny (CPU), small, base (ViT-B/32 shapes).", "choices": list(PRESETS)},
     )
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A pretrained CLIP id or folder; overrides model_preset and brings its own tokenizer and image processor."},
     )
-    image_size: Optional[int] = field(
+    image_size: int | None = field(
         default=None, metadata={"help": "Image side for a preset model (default: the preset's; tiny 32)."}
     )
     max_caption_length: int = field(
         default=16,
         metadata={"help": "Longest tokenized caption, bos and eos included; longer ones are cut (eos kept)."},
     )
-    tokenizer_name: Optional[str] = field(
+    tokenizer_name: str | None = field(
         default=None,
         metadata={"help": "An existing tokenizer for a preset model; default: a word-level one trained on the train captions."},
     )
@@ -46,11 +45,11 @@ class CLIPModelArguments:
 
 @dataclass
 class CLIPDataArguments:
-    dataset_name: Optional[str] = field(
+    dataset_name: str | None = field(
         default=None, metadata={"help": "A Hub dataset with image and caption columns. Unset (and no image_folder): the embedded digits."}
     )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})
-    image_folder: Optional[str] = field(
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    image_folder: str | None = field(
         default=None,
         metadata={"help": "A local folder of images with metadata.jsonl or metadata.csv (file_name + caption columns)."},
     )
@@ -58,22 +57,25 @@ class CLIPDataArguments:
     caption_column: str = field(
         default="caption", metadata={"help": "Column holding a caption, or a list of captions (one is drawn per visit)."}
     )
-    label_column: Optional[str] = field(
+    label_column: str | None = field(
         default=None, metadata={"help": "Integer class column for zero-shot accuracy (the digits default uses 'label')."}
     )
-    class_names: Optional[list[str]] = field(
+    class_names: list[str] | None = field(
         default=None, metadata={"help": "Class names for zero-shot accuracy (default: the label column's ClassLabel names)."}
     )
-    zero_shot_templates: Optional[list[str]] = field(
+    zero_shot_templates: list[str] | None = field(
         default=None, metadata={"help": "Zero-shot prompts with one '{}' for the class name (default: 'a photo of a {}')."}
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: Optional[str] = field(
+    eval_split: str | None = field(
         default=None, metadata={"help": "Held-out split; unset: hold out eval_fraction of the train split."}
     )
     eval_fraction: float = field(default=0.2, metadata={"help": "Share of the train split held out when there is no eval_split."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many train rows."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many held-out rows."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of that hold-out (kept apart from the training seed, so seeds share one test set)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many train rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many held-out rows."})
     preprocess_images: bool = field(
         default=False,
         metadata={"help": "Run the image processor once over the data before training (always on for the digits)."},
@@ -89,7 +91,7 @@ class CLIPDataArguments:
 
 @dataclass
 class CLIPRunArguments:
-    method: Optional[str] = field(
+    method: str | None = field(
         default=None,
         metadata={
             "help": "nso: NSOTrainer (two-point); rwp: NSOTrainer one-point; none: plain Trainer. "

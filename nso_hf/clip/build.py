@@ -17,22 +17,27 @@ from nso_hf.clip.augment import Augment
 from nso_hf.clip.collator import CLIPCollator
 from nso_hf.clip.digits import CLASS_NAMES, ZERO_SHOT_TEMPLATES, load_digits_splits
 from nso_hf.clip.pipeline import CLIPTask
-from nso_hf.clip.preprocessing import image_processor_for_size, load_image_processor, preprocess_images
+from nso_hf.clip.preprocessing import (
+    image_processor_for_size,
+    load_image_processor,
+    preprocess_images,
+)
 from nso_hf.clip.presets import check_eos_id, clip_config_from_preset, preset_image_size
-from nso_hf.clip.sources import class_names_of, load_hub_splits, load_image_folder_splits
+from nso_hf.clip.sources import (
+    class_names_of,
+    load_hub_splits,
+    load_image_folder_splits,
+)
 from nso_hf.clip.tokenizer import build_word_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def build_task(
-    model_args: CLIPModelArguments, data_args: CLIPDataArguments, seed: int
-) -> tuple[CLIPTask, Callable[[], CLIPModel]]:
+def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> tuple[CLIPTask, Callable[[], CLIPModel]]:
     """Load the data, build tokenizer, image processor and collator, and say how to make the model.
 
     Args:
-        model_args, data_args: parsed arguments.
-        seed: fixes the held-out split when one is carved out of the train rows.
+        model_args, data_args: parsed arguments (`data_args.split_seed` fixes a carved-out held-out split).
 
     Returns:
         (task, make_model): `make_model()` returns a fresh model each call (random init for a preset).
@@ -42,7 +47,7 @@ def build_task(
     label_column = d.label_column
     templates = tuple(d.zero_shot_templates or ("a photo of a {}",))
     if is_digits:
-        train, held_out = load_digits_splits(d.eval_fraction, seed)
+        train, held_out = load_digits_splits(d.eval_fraction, d.split_seed)
         label_column = label_column or "label"
         class_names: list[str] | None = list(d.class_names or CLASS_NAMES)
         templates = tuple(d.zero_shot_templates or ZERO_SHOT_TEMPLATES)
@@ -52,10 +57,10 @@ def build_task(
         columns = [d.image_column, d.caption_column] + ([label_column] if label_column else [])
         if d.dataset_name is not None:
             train, held_out = load_hub_splits(
-                d.dataset_name, d.dataset_config_name, d.train_split, d.eval_split, d.eval_fraction, seed, columns
+                d.dataset_name, d.dataset_config_name, d.train_split, d.eval_split, d.eval_fraction, d.split_seed, columns
             )
         else:
-            train, held_out = load_image_folder_splits(d.image_folder, d.train_split, d.eval_split, d.eval_fraction, seed, columns)
+            train, held_out = load_image_folder_splits(d.image_folder, d.train_split, d.eval_split, d.eval_fraction, d.split_seed, columns)
         class_names = d.class_names or (class_names_of(train, label_column) if label_column else None)
         if label_column and class_names is None:
             raise ValueError(f"label_column={label_column!r} is not a ClassLabel: give the class names with --class_names.")

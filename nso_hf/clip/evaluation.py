@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from nso_hf.clip.collator import CLIPCollator
-from nso_hf.clip.metrics import caption_positives, class_embeddings, recall_at_k, zero_shot_accuracy
+from nso_hf.clip.metrics import (
+    caption_positives,
+    class_embeddings,
+    recall_at_k,
+    zero_shot_accuracy,
+)
 
 
 def _features(out: Any) -> torch.Tensor:

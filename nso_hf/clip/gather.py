@@ -18,12 +18,14 @@ W + U, and the summed gradient is that loss's gradient.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nso_hf.config import NSOConfig
+if TYPE_CHECKING:  # only torch at import time: the multi-process test loads this file alone
+    from nso_hf.config import NSOConfig
 
 logger = logging.getLogger(__name__)
 

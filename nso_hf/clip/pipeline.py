@@ -72,7 +72,8 @@ def run_method(
         max_logit_scale: bound of the log temperature, clamped after every optimizer step.
 
     Returns:
-        The held-out metrics plus `train_loss`, `steps`, `seconds_per_step` (median) and `method`;
+        The held-out metrics plus `train_loss`, `steps`, `seconds_per_step` (median of the timed steps),
+        `train_seconds` (Trainer's `train_runtime`), the final `logit_scale` and `method`;
         on ranks other than the main one, the training numbers only.
     """
     import torch
@@ -96,6 +97,7 @@ def run_method(
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
         "seconds_per_step": timer.median_seconds(),
+        "train_seconds": float(result.metrics["train_runtime"]),  # wall time, data loading included
         "logit_scale": float(trainer.model.logit_scale.detach().float().item()),
     }
     if trainer.is_world_process_zero():
@@ -150,7 +152,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         ("t2i R@1", "t2i_recall@1", "{:.3f}"),
         ("i2t R@5", "i2t_recall@5", "{:.3f}"),
         ("train loss", "train_loss", "{:.3f}"),
-        ("ms / step", "seconds_per_step", "{:.0f}"),
+        ("ms / step (median)", "seconds_per_step", "{:.0f}"),
+        ("train s", "train_seconds", "{:.0f}"),
     ]
     names = {"none": "Trainer", "nso": "NSOTrainer (NSO)", "rwp": "NSOTrainer (RWP)"}
     header = "| method | " + " | ".join(c[0] for c in columns) + " |"
