@@ -3,10 +3,11 @@
 With no arguments and no network: a tiny CLIP on scikit-learn's handwritten digits (captions from
 templates, a word-level tokenizer trained on them), trained once with `transformers.Trainer` and
 once with `NSOTrainer`; prints zero-shot accuracy, recall@1 and time per step, writes
-`outputs/clip/clip_results.json`. A few minutes on a 2-core CPU.
+`outputs/clip/clip_results.json`. About 1 min 20 s on a 2-core CPU with one torch thread
+(`OMP_NUM_THREADS=1`, which keeps it there when other processes compete for the cores).
 
 Launch:
-    python scripts/pretrain_clip.py
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/pretrain_clip.py
     python scripts/pretrain_clip.py --method nso --sigma 0.01 --num_train_epochs 20
     python scripts/pretrain_clip.py --config clip.yaml --learning_rate 5e-4      # YAML keys = argument names
     python scripts/pretrain_clip.py --method nso --image_folder my_images/ --caption_column text --model_preset small

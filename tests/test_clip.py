@@ -471,3 +471,19 @@ def test_script_under_torchrun_with_gathered_features_and_nso(tmp_path):
     assert "setting sync_noise_across_ranks=True" in done.stderr
     results = json.loads((tmp_path / "clip_results.json").read_text())
     assert results["nso"]["steps"] == 2 and math.isfinite(results["nso"]["train_loss"])
+
+
+def test_split_train_eval_uses_a_named_split_or_holds_out_a_share():
+    from datasets import Dataset, DatasetDict
+
+    from nso_hf.clip.sources import split_train_eval
+
+    data = DatasetDict({"train": Dataset.from_dict({"x": list(range(10))}), "test": Dataset.from_dict({"x": [10, 11]})})
+    train, held_out = split_train_eval(data, "train", "test", 0.2, seed=0)
+    assert (list(train["x"]), list(held_out["x"])) == (list(range(10)), [10, 11])
+    train, held_out = split_train_eval(data, "train", None, 0.2, seed=0)
+    assert len(held_out) == 2 and sorted(list(train["x"]) + list(held_out["x"])) == list(range(10))
+    with pytest.raises(ValueError, match="No split 'validation'"):
+        split_train_eval(data, "train", "validation", 0.2, seed=0)
+    with pytest.raises(ValueError, match="eval_fraction must be in"):
+        split_train_eval(data, "train", None, 1.5, seed=0)
