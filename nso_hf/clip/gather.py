@@ -5,8 +5,9 @@ on the global (N x N) similarity matrix. The gathered copies carry no gradient; 
 block is put back as the live tensor, so the gradient flows through the local part only (no
 backward communication; open_clip's default `gather_with_grad=False`). Every rank then holds the
 same loss L; rank r back-propagates dL/d(its features), and DDP's average of these gives the
-encoders (1/world_size) * dL/dtheta and the logit scale dL/ds. With Adam-type optimizers the
-constant factor is immaterial.
+encoders (1/world_size) * dL/dtheta and the logit scale dL/ds. Adam-type optimizers normalise
+each parameter's gradient, so the factor matters little there (it does move where gradient
+clipping bites).
 
 Why NSO noise must then be the same on every rank: the global loss mixes all ranks' features. With
 per-rank noise, rank r's loss would combine its features at W + U_r with the others' at W + U_s:
