@@ -487,3 +487,25 @@ def test_split_train_eval_uses_a_named_split_or_holds_out_a_share():
         split_train_eval(data, "train", "validation", 0.2, seed=0)
     with pytest.raises(ValueError, match="eval_fraction must be in"):
         split_train_eval(data, "train", None, 1.5, seed=0)
+
+
+def test_a_saved_clip_folder_loads_as_a_pretrained_model(digits, tmp_path):
+    """--model_name_or_path: model, tokenizer and image processor come from the folder."""
+    from nso_hf.clip.arguments import CLIPDataArguments, CLIPModelArguments
+    from nso_hf.clip.build import build_task
+
+    saved = tiny_clip(digits["tokenizer"], seed=3)
+    saved.save_pretrained(tmp_path)
+    digits["tokenizer"].save_pretrained(tmp_path)
+    digits["processor"].save_pretrained(tmp_path)
+    task, make_model = build_task(
+        CLIPModelArguments(model_name_or_path=str(tmp_path), max_caption_length=MAX_LEN),
+        CLIPDataArguments(max_train_samples=32, max_eval_samples=16),
+    )
+    model = make_model()
+    for name, p in saved.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], p, msg=name)
+    batch = task.collator([task.train[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, SIDE, SIDE)
+    assert task.collator.tokenizer.eos_token_id == digits["tokenizer"].eos_token_id
+    assert torch.isfinite(model(**batch).loss)
