@@ -2,8 +2,9 @@
 
 The invariant of this file: after `Perturbation.restore()` every parameter holds the bits it held
 when the `Perturbation` was created, in every dtype. Restore is a copy from a saved backup, never a
-subtraction (in bf16, W + U - U != W). The backup is the only parameter-sized copy held; the noise
-itself is regenerated from its seed when needed (one tensor of one parameter at a time).
+subtraction (in bf16, W + U - U != W). The backup is the only parameter-sized copy held: the noise
+is drawn straight into the parameters, and W - U is the reflection 2W - (W + U) of the point just
+visited, which costs one pass over memory instead of a second draw.
 """
 
 from __future__ import annotations
@@ -127,29 +128,14 @@ def row_rms(tensor: torch.Tensor) -> torch.Tensor:
     return t.pow(2).mean(dim=tuple(range(1, t.dim())), keepdim=True).sqrt()
 
 
-def gaussian_noise(
-    like: torch.Tensor, generator: torch.Generator, sigma: float, relative: bool
-) -> torch.Tensor:
-    """One draw of U ~ N(0, sigma^2) (absolute) or N(0, (sigma * row_rms)^2) (relative), in float32.
-
-    The draw depends only on the generator's state and `like`'s shape, so re-seeding the generator
-    regenerates the same U (how W - U is produced without storing U).
-    """
-    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
-    noise.mul_(sigma)
-    if relative:
-        noise.mul_(row_rms(like))
-    return noise
-
-
 class Perturbation:
     """Moves a fixed set of parameters to W + s * U and back to W, exactly.
 
     Create it right before the passes of a micro-batch (it snapshots W), call `apply(sign, seeds)`
     before each perturbed pass and `restore()` after the last one (in a `finally`).
 
-    Cost: one backup copy of the perturbed parameters (in their own dtype), plus one float32 noise
-    tensor the size of the largest parameter while applying.
+    Cost: one backup copy of the perturbed parameters (in their own dtype); per draw, one Gaussian
+    sample per weight and two passes over memory (W + U, then 2W - (W + U)).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], sigma: float, relative: bool):
@@ -159,6 +145,7 @@ class Perturbation:
         with torch.no_grad():
             self.backup = [local_tensor(p).clone() for p in self.params]
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._at: tuple[int, tuple[int, ...]] | None = None  # (sign, seeds) of the point the parameters hold
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         gen = self._generators.get(device)
@@ -167,18 +154,28 @@ class Perturbation:
         return gen.manual_seed(seed)
 
     @torch.no_grad()
-    def apply(self, sign: float, seeds: Sequence[int]) -> None:
-        """Set every parameter to W + sign * U, the noise of tensor i drawn from `seeds[i]`."""
-        for target, saved, seed in zip(map(local_tensor, self.params), self.backup, seeds, strict=True):
-            # Relative noise scales by the row RMS of the clean W (the backup): the same for +U and -U.
-            noise = gaussian_noise(saved, self._generator(target.device, seed), self.sigma, self.relative)
-            # In-place add with a float32 operand computes in (at least) float32 and rounds once
-            # into the parameter's dtype; no temporary beyond the noise itself.
-            target.copy_(saved)
-            target.add_(noise, alpha=sign)
+    def apply(self, sign: int, seeds: Sequence[int]) -> None:
+        """Set every parameter to W + sign * U, the noise of tensor i drawn from `seeds[i]`.
+
+        U ~ N(0, sigma^2), times the row RMS of W when relative. It is drawn in the parameter's
+        own dtype, in place: no temporary the size of a parameter.
+        """
+        seeds = tuple(seeds)
+        if not (sign < 0 and self._at == (1, seeds)):  # W - U right after W + U needs no new draw
+            for target, saved, seed in zip(map(local_tensor, self.params), self.backup, seeds, strict=True):
+                target.normal_(0.0, self.sigma, generator=self._generator(target.device, seed))
+                if self.relative:
+                    target.mul_(row_rms(saved).to(target.dtype))
+                target.add_(saved)
+        if sign < 0:
+            # Reflect W + U through W: 2W - (W + U), exactly antithetic up to one rounding.
+            for target, saved in zip(map(local_tensor, self.params), self.backup):
+                target.neg_().add_(saved, alpha=2)
+        self._at = (sign, seeds)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy W back, bit for bit."""
         for param, saved in zip(self.params, self.backup):
             local_tensor(param).copy_(saved)
+        self._at = None

@@ -13,6 +13,7 @@ Printed as NSO/Trainer ratios. Two passes per step are the floor for the two-poi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -44,6 +45,10 @@ class BenchArguments:
     batch_size: int = field(default=16, metadata={"help": "Examples per step."})
     steps: int = field(default=20, metadata={"help": "Timed optimizer steps (the median is reported)."})
     warmup: int = field(default=3, metadata={"help": "Untimed steps first (allocator and caches warm up)."})
+    rounds: int = field(
+        default=2,
+        metadata={"help": "Trainer and NSOTrainer alternate this many times; the medians pool all rounds (drift cancels)."},
+    )
     modes: list[str] = field(default_factory=lambda: ["lora", "full"], metadata={"help": "lora and/or full."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
     child: str | None = field(default=None, metadata={"help": "Internal: run one 'method:mode' and print its memory."})
@@ -148,23 +153,32 @@ def cpu_memory(bench: BenchArguments, method: str, mode: str) -> dict[str, float
 def main(bench: BenchArguments) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results = {"device": device, "settings": {k: v for k, v in asdict(bench).items() if k not in ("child", "output_json")}}
-    print(f"# NSOTrainer (k=1, lam=0) vs Trainer on {device}; median of {bench.steps} steps after {bench.warmup} warm-up")
+    print(
+        f"# NSOTrainer (k=1, lam=0) vs Trainer on {device}; median of {bench.rounds} x {bench.steps} steps "
+        f"(each run after {bench.warmup} warm-up steps, the two trainers alternating)"
+    )
     print(f"{'mode':<6}{'trainer s/step':>16}{'nso s/step':>12}{'time ratio':>12}{'peak-mem ratio':>16}{'growth ratio':>14}")
     for mode in bench.modes:
         if mode not in ("lora", "full"):
             raise ValueError(f"--modes takes 'lora' and/or 'full', got {mode!r}")
         row = {}
-        for method in ("trainer", "nso"):
-            trainer = run(bench, method, mode)
-            row[method] = {"s_per_step": statistics.median(trainer.step_times)}
+        times: dict[str, list[float]] = {"trainer": [], "nso": []}
+        for _ in range(bench.rounds):
+            for method in times:
+                trainer = run(bench, method, mode)
+                times[method] += trainer.step_times
+                del trainer
+        for method in times:
+            row[method] = {"s_per_step": statistics.median(times[method])}
             if torch.cuda.is_available():
+                trainer = run(dataclasses.replace(bench, steps=2, warmup=1), method, mode)
                 row[method]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 row[method]["growth_mb"] = row[method]["peak_mb"]
+                del trainer
             else:
                 mem = cpu_memory(bench, method, mode)
                 row[method]["peak_mb"] = mem["peak_mb"]
                 row[method]["growth_mb"] = mem["peak_mb"] - mem["before_mb"]
-            del trainer
         t, n = row["trainer"], row["nso"]
         row["time_ratio"] = n["s_per_step"] / t["s_per_step"]
         row["peak_memory_ratio"] = n["peak_mb"] / t["peak_mb"]

@@ -23,6 +23,7 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from nso_hf.cli import parse_with_config
 from nso_hf.config import NSOConfig
 from nso_hf.cot_arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 
@@ -33,27 +34,8 @@ def make_parser() -> HfArgumentParser:
 
 def parse_arguments(argv: list[str]) -> tuple:
     """The five dataclasses from `argv`; `--config file.yaml` supplies defaults the command line overrides."""
-    import yaml
-
-    parser = make_parser()
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path.")
-        with open(argv[at + 1], encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown options in {argv[at + 1]}: {unknown}.")
-        parser.set_defaults(**values)
-        argv = argv[:at] + argv[at + 2:]
-        if "output_dir" in values:
-            # output_dir is required on the command line only when no config provides it.
-            for action in parser._actions:
-                if action.dest == "output_dir":
-                    action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    dataclasses, _ = parse_with_config(make_parser(), argv)
+    return dataclasses
 
 
 def main(argv: list[str]) -> None:

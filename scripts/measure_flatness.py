@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
+from nso_hf.cli import parse_with_config
 from nso_hf.flatness_report import ReportSettings, flatness_report
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -126,19 +126,7 @@ def make_parser() -> HfArgumentParser:
 
 def parse(argv: list[str]) -> MeasureFlatnessArguments:
     """Parse `[--config file.yaml] [--name value ...]`: defaults < YAML < command line."""
-    parser = make_parser()
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path.")
-        with open(argv[i + 1]) as f:
-            overrides = yaml.safe_load(f) or {}
-        argv = argv[:i] + argv[i + 2 :]
-        unknown = sorted(set(overrides) - {a.dest for a in parser._actions})
-        if unknown:
-            raise ValueError(f"Unknown keys in the --config file: {unknown}. Keys are argument names.")
-        parser.set_defaults(**overrides)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,), _ = parse_with_config(make_parser(), argv)
     return args
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import sys
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from nso_hf.cli import parse_with_config
 from nso_hf import NSOConfig
 from nso_hf.clip.arguments import (
     CLIPDataArguments,
@@ -68,23 +68,7 @@ def parse(argv: list[str]) -> tuple[tuple, set[str]]:
     Returns:
         (the five dataclasses, the argument names the user gave in the YAML or on the command line).
     """
-    parser = make_parser()
-    overrides: dict = {}
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path.")
-        with open(argv[i + 1]) as f:
-            overrides = yaml.safe_load(f) or {}
-        argv = argv[:i] + argv[i + 2 :]
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"Unknown keys in the --config file: {unknown}. Keys are argument names.")
-    parser.set_defaults(**{**SCRIPT_DEFAULTS, **overrides})
-    explicit = set(overrides) | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    return parser.parse_args_into_dataclasses(args=argv), explicit
-
+    return parse_with_config(make_parser(), argv, defaults=SCRIPT_DEFAULTS)
 
 
 def main(
