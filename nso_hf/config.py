@@ -8,11 +8,13 @@ A plain dataclass, so `HfArgumentParser((TrainingArguments, NSOConfig))` parses 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional
 
 NOISE_SCALES = ("absolute", "relative")
 NONFINITE_POLICIES = ("raise", "skip")
+# What the scripts' --method means: NSO (two-point), RWP (one-point), or plain Trainer.
+METHODS = ("nso", "rwp", "none")
 
 
 @dataclass
@@ -142,3 +144,23 @@ class NSOConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def config_for_method(method: str, config: NSOConfig) -> NSOConfig | None:
+    """The step a script's `--method` runs.
+
+    Args:
+        method: "nso" (two-point), "rwp" (one-point) or "none" (plain `Trainer`).
+        config: the user's NSO settings; `two_point` is set by the method.
+
+    Returns:
+        A copy of `config` with `two_point` set, or None for "none".
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    if method == "none":
+        return None
+    return replace(config, two_point=(method == "nso"))

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-METHODS = ("nso", "rwp", "none")
+from nso_hf.config import METHODS
+
 PRESETS = ("smollm2",)
 
 

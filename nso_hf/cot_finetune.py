@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from nso_hf.config import NSOConfig
+from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot_arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 
 
@@ -62,15 +62,6 @@ def data_sources(data_args: CoTDataArguments) -> tuple[str, list[str]]:
     return data_args.train_source, list(data_args.eval_sources or [])
 
 
-def method_nso_config(method: str, nso_config: NSOConfig) -> NSOConfig | None:
-    """The NSOConfig a method runs with: two_point True ("nso"), False ("rwp"), or None ("none")."""
-    if method == "none":
-        return None
-    if method not in ("nso", "rwp"):
-        raise ValueError(f"Unknown method {method!r}; use 'nso', 'rwp' or 'none'.")
-    return dataclasses.replace(nso_config, two_point=(method == "nso"))
-
-
 def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
     """A plain `Trainer` when `nso_config` is None, else an `NSOTrainer` running it."""
     if nso_config is None:
@@ -83,13 +74,10 @@ def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
 
 
 def measure_hessian_trace(model: Any, features: Any, collator: Any, batch_size: int, num_batches: int, num_probes: int, seed: int):
-    """Hessian trace of the training loss over the trainable weights, or None when `nso_hf.flatness` is absent."""
-    try:
-        from nso_hf.flatness import hessian_trace
-    except ImportError as error:
-        print(f"[cot] Hessian trace skipped: nso_hf.flatness is not available ({error}).", flush=True)
-        return None
+    """Hessian trace of the training loss over the trainable weights, on the first `num_batches` batches."""
     import torch
+
+    from nso_hf.flatness import hessian_trace
 
     device = next(model.parameters()).device
     batches = []
@@ -150,7 +138,7 @@ def run_cot_finetune(
                  for s in eval_sources}
 
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    nso_config = method_nso_config(script_args.method, nso_config)
+    nso_config = config_for_method(script_args.method, nso_config)
     trainer = make_trainer(
         nso_config, model=model, args=training_args, train_dataset=features,
         data_collator=collator, processing_class=tokenizer,

@@ -13,9 +13,9 @@ from typing import Any
 from transformers import Trainer
 
 from nso_hf.clip.gather import gathered_contrastive_loss
+from nso_hf.config import METHODS, NSOConfig, config_for_method
 from nso_hf.trainer import NSOMixin, NSOTrainer
 
-METHODS = ("nso", "rwp", "none")
 
 
 class GatheredLossTrainer(Trainer):
@@ -43,12 +43,7 @@ def trainer_class(method: str, gather_features: bool) -> type[Trainer]:
     return GatheredLossNSOTrainer if gather_features else NSOTrainer
 
 
-def nso_kwargs(method: str, nso_config: Any) -> dict[str, Any]:
+def nso_kwargs(method: str, nso_config: NSOConfig) -> dict[str, Any]:
     """The extra keyword the chosen class takes: `nso_config` with `two_point` set by the method."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
-    if method == "none":
-        return {}
-    from dataclasses import replace
-
-    return {"nso_config": replace(nso_config, two_point=(method == "nso"))}
+    config = config_for_method(method, nso_config)
+    return {} if config is None else {"nso_config": config}
