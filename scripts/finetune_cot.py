@@ -25,7 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from nso_hf.cli import parse_with_config
 from nso_hf.config import NSOConfig
-from nso_hf.cot_arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
+from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 
 
 def make_parser() -> HfArgumentParser:
@@ -40,11 +40,11 @@ def parse_arguments(argv: list[str]) -> tuple:
 
 def main(argv: list[str]) -> None:
     if not argv:
-        from nso_hf.cot_demo import run_cot_demo
+        from nso_hf.cot.demo import run_cot_demo
 
         run_cot_demo()
         return
-    from nso_hf.cot_finetune import run_cot_finetune
+    from nso_hf.cot.finetune import run_cot_finetune
 
     run_cot_finetune(*parse_arguments(argv))
 

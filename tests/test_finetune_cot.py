@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised 2-layer Llama and its BPE tokenizer, saved like any local model."""
-    from nso_hf.tiny_base_model import TinyBaseSpec, build_model, build_tokenizer, pretraining_texts
+    from nso_hf.cot.tiny_base_model import TinyBaseSpec, build_model, build_tokenizer, pretraining_texts
 
     spec = TinyBaseSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, corpus_size=300)
     tokenizer = build_tokenizer(pretraining_texts(spec), vocab_size=300)
@@ -43,14 +43,14 @@ def test_yaml_config_and_command_line_override(tmp_path):
 
 
 def test_unknown_method_raises():
-    from nso_hf.cot_arguments import CoTScriptArguments
+    from nso_hf.cot.arguments import CoTScriptArguments
 
     with pytest.raises(ValueError, match="--method must be one of"):
         CoTScriptArguments(method="sam")
 
 
 def test_left_pad():
-    from nso_hf.cot_eval import left_pad
+    from nso_hf.cot.evaluation import left_pad
 
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     torch.testing.assert_close(ids, torch.tensor([[5, 6, 7], [0, 0, 8]]))
@@ -58,8 +58,8 @@ def test_left_pad():
 
 
 def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir):
-    from nso_hf.cot_eval import generate_completions
-    from nso_hf.cot_models import load_causal_lm
+    from nso_hf.cot.evaluation import generate_completions
+    from nso_hf.cot.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(tiny_model_dir)
     questions = get_recipe("synthetic", num_test=5, max_steps=4, ood_min_steps=5, ood_max_steps=5).load("test")["question"]
@@ -71,7 +71,7 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir):
 
 
 def test_format_table():
-    from nso_hf.cot_demo import format_table
+    from nso_hf.cot.demo import format_table
 
     run = {"method": "nso", "eval": {"test": {"exact_match": 0.5, "num_correct": 1, "num_examples": 2}},
            "hessian_trace": {"value": 12.345, "stderr": 0.5}, "train": {"seconds_per_step": 0.25, "train_loss": 1.5}}

@@ -19,7 +19,7 @@ def fixture(name):
 @pytest.fixture(scope="module")
 def tokenizer():
     from data_recipes.synthetic import SyntheticRecipe
-    from nso_hf.tiny_base_model import build_tokenizer
+    from nso_hf.cot.tiny_base_model import build_tokenizer
 
     examples = SyntheticRecipe(num_train=200).generate("train")
     return build_tokenizer([e["question"] + "\n" + e["rationale"] for e in examples], vocab_size=300)

@@ -15,7 +15,7 @@ import os
 from typing import Any, Optional
 
 from nso_hf.config import NSOConfig
-from nso_hf.cot_arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
+from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 
 # Sized to finish within 5 minutes on 2 CPU cores, pretraining included (about 1 minute, once).
 DEMO_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -85,7 +85,7 @@ def run_cot_demo(
     """Run the comparison, print the table and write it to `output_dir/table.md`; returns each run's results."""
     import torch
 
-    from nso_hf.cot_finetune import run_cot_finetune
+    from nso_hf.cot.finetune import run_cot_finetune
 
     # One thread: the tiny model's matrices gain little from a second one, and when the cores are
     # shared with other work, two threads spin-wait: measured on 2 busy cores (load 5), a tiny-model

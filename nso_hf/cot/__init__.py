@@ -1,0 +1,1 @@
+"""Chain-of-thought fine-tuning: arguments, models, the run, generation-based evaluation, the offline demo."""
