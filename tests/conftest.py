@@ -85,6 +85,15 @@ def quadratic_examples(n: int = 8) -> list[dict[str, torch.Tensor]]:
     return [{"x": torch.zeros(1, dtype=torch.float64)} for _ in range(n)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation, which stalls on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def args_factory(tmp_path):
     return lambda **kw: training_args(tmp_path, **kw)

@@ -16,6 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 import yaml
+from conftest import params_of, training_args
 from transformers import CLIPModel, Trainer, TrainingArguments
 
 from nso_hf import NSOConfig, NSOTrainer
@@ -88,26 +89,8 @@ def collator_for(d, augment: bool = True) -> CLIPCollator:
 
 
 def clip_args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        learning_rate=2e-3,
-        max_steps=3,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=7,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
-
-
-def params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = dict(per_device_train_batch_size=16, learning_rate=2e-3, max_steps=3, seed=7, remove_unused_columns=False)
+    return training_args(tmp_path, **{**settings, **overrides})
 
 
 # ------------------------------------------------------------------------ preprocessing and collator
@@ -190,7 +173,7 @@ def test_nso_training_step_restores_weights_bit_exactly(digits, tmp_path):
         model=model, args=clip_args(tmp_path), train_dataset=digits["train"], data_collator=collator_for(digits),
         nso_config=NSOConfig(sigma=0.05),
     )
-    before = params(model)
+    before = params_of(model)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test bypasses
     loss = trainer.training_step(model, batch)
@@ -203,7 +186,7 @@ def test_nso_training_step_restores_weights_bit_exactly(digits, tmp_path):
 
 def test_nso_steps_change_weights_and_log_a_finite_loss(digits, tmp_path):
     model = tiny_clip(digits["tokenizer"])
-    before = params(model)
+    before = params_of(model)
     trainer = NSOTrainer(
         model=model, args=clip_args(tmp_path), train_dataset=digits["train"], data_collator=collator_for(digits),
         nso_config=NSOConfig(sigma=0.01), callbacks=[LogitScaleClampCallback()],
@@ -225,7 +208,7 @@ def test_sigma_zero_reproduces_trainer(digits, tmp_path):
             data_collator=collator_for(digits), callbacks=[LogitScaleClampCallback()], **extra,
         )
         trainer.train()
-        results.append(params(model))
+        results.append(params_of(model))
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-6, atol=1e-7, msg=name)
 

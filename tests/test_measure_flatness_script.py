@@ -19,13 +19,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "measure_
 ENTRY_KEYS = {"label", "checkpoint", "kind", "num_batches", *REPORT_KEYS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation, which stalls on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
