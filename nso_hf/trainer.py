@@ -84,7 +84,6 @@ class NSOMixin:
             # Weights go back by copy whatever happened: W + U - U != W in low precision.
             self._nso_pass = None
             perturbation.restore()
-            del perturbation
         self._nso_window = (step, micro_step + 1)
         self._nso_count_once(counters, len(losses))
 
