@@ -257,3 +257,14 @@ def test_default_config_and_type_check(args_factory):
     assert trainer.nso_config == NSOConfig()
     with pytest.raises(TypeError, match="nso_config must be an NSOConfig"):
         NSOTrainer(model=tiny_llama(), args=args_factory(), nso_config={"sigma": 0.1})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sigma_zero_reproduces_trainer_under_autocast(args_factory, precision):
+    # On CPU this covers the autocast path only: the fp16 GradScaler exists on CUDA alone.
+    args = args_factory(max_steps=3, **{precision: True})
+    ref, _ = _train(Trainer, tiny_llama(), args)
+    got, trainer = _train(NSOTrainer, tiny_llama(), args, nso_config=NSOConfig(sigma=0.0))
+    assert trainer.accelerator.mixed_precision == precision
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
