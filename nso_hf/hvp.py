@@ -19,14 +19,13 @@ be whole on every process (DDP); sharded parameters (FSDP, ZeRO-3) are not suppo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from nso_hf.noise import clean_parameter_name
+from nso_hf.noise import filter_parameters
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 PARAMETER_SETS = ("trainable", "all")
@@ -55,24 +54,7 @@ def select_measured_parameters(
     """
     if parameters not in PARAMETER_SETS:
         raise ValueError(f"parameters={parameters!r} is not one of {PARAMETER_SETS}.")
-    try:
-        inc = [re.compile(p) for p in include or ()]
-        exc = [re.compile(p) for p in exclude or ()]
-    except re.error as err:
-        raise ValueError(f"include/exclude: bad regular expression: {err}") from err
-    selected, seen = [], set()
-    for name, param in model.named_parameters():
-        if id(param) in seen or (parameters == "trainable" and not param.requires_grad):
-            continue
-        seen.add(id(param))
-        clean = clean_parameter_name(name)
-        if inc and not any(p.search(clean) for p in inc):
-            continue
-        if any(p.search(clean) for p in exc):
-            continue
-        if not param.is_floating_point():
-            continue
-        selected.append((clean, param))
+    selected = filter_parameters(model.named_parameters(), include, exclude, trainable_only=parameters == "trainable")
     if not selected:
         raise ValueError(
             f"No parameter to measure (parameters={parameters!r}, include={list(include or [])}, "

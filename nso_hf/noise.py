@@ -53,6 +53,48 @@ def clean_parameter_name(name: str) -> str:
     return name
 
 
+def filter_parameters(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    *,
+    trainable_only: bool = True,
+    label: str = "include/exclude",
+) -> list[tuple[str, nn.Parameter]]:
+    """Floating-point parameters filtered by name; the selection rule of NSO and of the flatness measures.
+
+    Args:
+        named_parameters: `model.named_parameters()` (wrapper prefixes are removed from the names).
+        include: regexes; if given, a name must match one (re.search).
+        exclude: regexes; a name matching one is left out.
+        trainable_only: keep only parameters with `requires_grad`.
+        label: how the patterns are named in the error message.
+
+    Returns:
+        `(clean_name, parameter)` pairs in model order; a tied parameter appears once.
+
+    Raises:
+        ValueError: a pattern does not compile.
+    """
+    try:
+        inc = [re.compile(p) for p in include or ()]
+        exc = [re.compile(p) for p in exclude or ()]
+    except re.error as err:
+        raise ValueError(f"{label}: bad regular expression: {err}") from err
+    selected, seen = [], set()
+    for name, param in named_parameters:
+        if id(param) in seen or (trainable_only and not param.requires_grad) or not param.is_floating_point():
+            continue
+        seen.add(id(param))  # tied weights appear once
+        clean = clean_parameter_name(name)
+        if inc and not any(p.search(clean) for p in inc):
+            continue
+        if any(p.search(clean) for p in exc):
+            continue
+        selected.append((clean, param))
+    return selected
+
+
 def select_parameters(
     named_parameters: Iterable[tuple[str, nn.Parameter]],
     include: Sequence[str] | None = None,
@@ -71,24 +113,10 @@ def select_parameters(
     Raises:
         ValueError: a pattern does not compile, or nothing is left to perturb.
     """
-    try:
-        inc = [re.compile(p) for p in include or ()]
-        exc = [re.compile(p) for p in exclude or ()]
-    except re.error as err:
-        raise ValueError(f"NSOConfig.perturb_include/perturb_exclude: bad regular expression: {err}") from err
-    selected, trainable, seen = [], 0, set()
-    for name, param in named_parameters:
-        if not param.requires_grad or id(param) in seen:  # tied weights appear once
-            continue
-        seen.add(id(param))
-        trainable += 1
-        clean = clean_parameter_name(name)
-        if inc and not any(p.search(clean) for p in inc):
-            continue
-        if any(p.search(clean) for p in exc):
-            continue
-        selected.append((clean, param))
+    named = list(named_parameters)
+    selected = filter_parameters(named, include, exclude, label="NSOConfig.perturb_include/perturb_exclude")
     if not selected:
+        trainable = len(filter_parameters(named))
         raise ValueError(
             f"NSO found no parameter to perturb ({trainable} trainable parameters, include={list(include or [])}, "
             f"exclude={list(exclude or [])}). Check requires_grad and the perturb_include/perturb_exclude patterns."
