@@ -75,16 +75,13 @@ def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
 
 def measure_hessian_trace(model: Any, features: Any, collator: Any, batch_size: int, num_batches: int, num_probes: int, seed: int):
     """Hessian trace of the training loss over the trainable weights, on the first `num_batches` batches."""
-    import torch
-
     from nso_hf.flatness import hessian_trace
 
-    device = next(model.parameters()).device
-    batches = []
+    batches = []  # hessian_trace moves them to the model's device
     for b in range(num_batches):
         rows = [features[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(features)))]
         if rows:
-            batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator(rows).items()})
+            batches.append(collator(rows))
     return hessian_trace(model, batches, num_probes=num_probes, seed=seed)
 
 
