@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,11 +28,11 @@ from transformers import (
     LlamaForCausalLM,
     PrinterCallback,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
 )
 
 from nso_hf import NSOConfig, NSOTrainer
+from nso_hf.timing import StepTimer
 
 
 @dataclass
@@ -52,23 +51,6 @@ class BenchArguments:
     modes: list[str] = field(default_factory=lambda: ["lora", "full"], metadata={"help": "lora and/or full."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
     child: str | None = field(default=None, metadata={"help": "Internal: run one 'method:mode' and print its memory."})
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times: list[float] = []
-
-    def _sync(self):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self.start)
 
 
 def build_model(bench: BenchArguments, lora: bool):
@@ -97,7 +79,7 @@ def dataset(bench: BenchArguments) -> list[dict[str, torch.Tensor]]:
 
 
 def run(bench: BenchArguments, method: str, mode: str) -> Trainer:
-    """Train warmup + steps optimizer steps; the trainer carries `timer.times`."""
+    """Train warmup + steps optimizer steps; the trainer carries the timed steps in `step_times`."""
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="nso-bench-"),
         per_device_train_batch_size=bench.batch_size,
@@ -120,7 +102,7 @@ def run(bench: BenchArguments, method: str, mode: str) -> Trainer:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    trainer.step_times = timer.times[bench.warmup :]
+    trainer.step_times = timer.seconds[bench.warmup :]
     return trainer
 
 

@@ -3,6 +3,7 @@
 The span covers the forward/backward passes of every micro-batch of the step, the optimizer step
 and the other callbacks. It excludes loading and collating the batch (Trainer fetches a step's
 micro-batches before `on_step_begin`) and the logging, evaluation and saving done after the step.
+On CUDA both ends synchronise the device, so the span holds the kernels, not just their launch.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
 from transformers import TrainerCallback
 
 
@@ -20,13 +22,19 @@ class StepTimer(TrainerCallback):
         self.seconds: list[float] = []
         self._start: float | None = None
 
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = self._now()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._start is not None:
-            self.seconds.append(time.perf_counter() - self._start)
+            self.seconds.append(self._now() - self._start)
             self._start = None
         return control
 
