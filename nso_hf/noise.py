@@ -173,7 +173,8 @@ class Perturbation:
         with torch.no_grad():
             self.backup = [local_tensor(p).clone() for p in self.params]
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._at: tuple[int, tuple[int, ...]] | None = None  # (sign, seeds) of the point the parameters hold
+        # (sign, seeds) of the point the parameters hold; None: they hold W; "moving": an apply was cut short.
+        self._at: tuple[int, tuple[int, ...]] | str | None = None
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         gen = self._generators.get(device)
@@ -189,7 +190,9 @@ class Perturbation:
         own dtype, in place: no temporary the size of a parameter.
         """
         seeds = tuple(seeds)
-        if not (sign < 0 and self._at == (1, seeds)):  # W - U right after W + U needs no new draw
+        reflect_only = sign < 0 and self._at == (1, seeds)
+        self._at = "moving"  # if a draw raises half-way, restore() still copies W back
+        if not reflect_only:  # W - U right after W + U needs no new draw
             for target, saved, seed in zip(map(local_tensor, self.params), self.backup, seeds, strict=True):
                 target.normal_(0.0, self.sigma, generator=self._generator(target.device, seed))
                 if self.relative:
@@ -201,9 +204,21 @@ class Perturbation:
                 target.neg_().add_(saved, alpha=2)
         self._at = (sign, seeds)
 
+    @property
+    def at_origin(self) -> bool:
+        """True when the parameters hold W (nothing applied since creation or the last restore)."""
+        return self._at is None
+
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy W back, bit for bit."""
+        """Copy W back, bit for bit. A no-op when the parameters already hold W.
+
+        The no-op matters: under DeepSpeed the step restores W inside the engine's own `step()` (which
+        then writes the update into the parameters), and the `finally` that restores again afterwards
+        must not copy the pre-step weights over that update.
+        """
+        if self._at is None:
+            return
         for param, saved in zip(self.params, self.backup):
             local_tensor(param).copy_(saved)
         self._at = None

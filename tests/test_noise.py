@@ -112,3 +112,24 @@ def test_scale_gradient_keeps_value_and_scales_gradient():
     assert y.item() == 9.0
     y.backward()
     assert x.grad.item() == 0.25 * 6.0
+
+
+def test_restore_is_a_no_op_at_w_and_complete_after_a_cut_short_apply():
+    w = torch.randn(8, 4)
+    before = w.clone()
+    pert = Perturbation([w], sigma=0.5, relative=False)
+    pert.apply(1, [3])
+    pert.restore()
+    assert pert.at_origin and torch.equal(w, before)
+    w.add_(1.0)  # e.g. an optimizer update written after the restore
+    pert.restore()  # must not copy the old W over it
+    assert torch.equal(w, before + 1.0)
+
+    v = torch.randn(4, 4)
+    saved = v.clone()
+    pert = Perturbation([v, torch.zeros(3)], sigma=0.5, relative=False)
+    with pytest.raises((TypeError, RuntimeError)):
+        pert.apply(1, [5, object()])  # the second seed is no int: the draw stops after the first tensor moved
+    assert not pert.at_origin and not torch.equal(v, saved)
+    pert.restore()
+    assert torch.equal(v, saved)
