@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -127,9 +127,11 @@ def select_parameters(
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
     """The storage this rank owns for `param`: what the noise is written into.
 
-    DeepSpeed ZeRO-3 keeps the rank's partition in `ds_tensor` (`param.data` is empty outside
-    forward); FSDP2 parameters are DTensors whose local shard is `to_local()`; everything else
-    (plain, DDP, FSDP1 with use_orig_params, whose params are flat local shard views) is `data`.
+    DeepSpeed ZeRO-3 keeps the rank's partition in `ds_tensor`; a forward gathers the partitions into
+    `param.data`, which is empty outside forward except for parameters ZeRO-3 keeps gathered
+    (`Perturbation`'s `after_move` hook brings those copies in line). FSDP2 parameters are DTensors
+    whose local shard is `to_local()`. Everything else (plain, DDP, ZeRO-1/2, FSDP1 with
+    use_orig_params, whose parameters are flat local shard views) is `data`.
     """
     if hasattr(param, "ds_tensor"):
         return param.ds_tensor
@@ -142,6 +144,40 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
 def is_sharded(param: torch.Tensor) -> bool:
     """True when `param` holds only this rank's shard (ZeRO-3 or FSDP2 DTensor)."""
     return hasattr(param, "ds_tensor") or hasattr(param.data, "to_local")
+
+
+def relative_scale(param: torch.Tensor) -> torch.Tensor:
+    """The multiplier of sigma for relative noise: each output row's RMS, shaped like the local tensor.
+
+    Works where rows are whole on every rank: unsharded parameters, and FSDP2's dim-0 shards (a 1-D
+    FSDP2 parameter is one row spread over the ranks, so its RMS sums the squares of every shard:
+    one small all-reduce, which every rank runs for the same tensors in the same order).
+
+    Raises:
+        ValueError: a partitioned ZeRO-3 parameter, or an FSDP2 parameter sharded along another dim.
+            (FSDP1's flat shards carry no mark of their own: the trainer refuses those.)
+    """
+    if hasattr(param, "ds_tensor"):
+        raise ValueError(
+            "noise_scale='relative' needs whole rows, but DeepSpeed ZeRO-3 partitions this parameter into flat "
+            "pieces. Use noise_scale='absolute', or ZeRO-2 / FSDP2 (which keep rows whole)."
+        )
+    data = param.data
+    if not hasattr(data, "to_local"):
+        return row_rms(data)
+    shard_dims = [(i, pl.dim) for i, pl in enumerate(data.placements) if pl.is_shard()]
+    if any(dim != 0 for _, dim in shard_dims):
+        raise ValueError(
+            f"noise_scale='relative' needs whole rows, but this FSDP2 parameter is sharded along dims "
+            f"{[d for _, d in shard_dims]}. Shard along dim 0 (FSDP2's default) or use noise_scale='absolute'."
+        )
+    local = data.to_local()
+    if data.dim() >= 2 or not shard_dims:
+        return row_rms(local)
+    total = local.detach().float().pow(2).sum().reshape(1)
+    for mesh_dim, _ in shard_dims:
+        torch.distributed.all_reduce(total, group=data.device_mesh.get_group(mesh_dim))
+    return (total / max(data.numel(), 1)).sqrt().reshape(())
 
 
 def row_rms(tensor: torch.Tensor) -> torch.Tensor:
@@ -163,15 +199,31 @@ class Perturbation:
     before each perturbed pass and `restore()` after the last one (in a `finally`).
 
     Cost: one backup copy of the perturbed parameters (in their own dtype); per draw, one Gaussian
-    sample per weight and two passes over memory (W + U, then 2W - (W + U)).
+    sample per weight and two passes over memory (W + U, then 2W - (W + U)). With relative noise,
+    the row RMS of each tensor is computed once, at creation (one scalar per row).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], sigma: float, relative: bool):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        sigma: float,
+        relative: bool,
+        after_move: Callable[[], None] | None = None,
+    ):
+        """Args:
+        params: the parameters to move (their local storage, see `local_tensor`).
+        sigma: the noise standard deviation (times the row RMS when `relative`).
+        relative: scale each row's noise by that row's RMS.
+        after_move: called after every change of the parameters' values (an engine that keeps
+            another copy of them, such as ZeRO-3's gathered parameters, refreshes it there).
+        """
         self.params = list(params)
         self.sigma = float(sigma)
         self.relative = relative
+        self.after_move = after_move
         with torch.no_grad():
             self.backup = [local_tensor(p).clone() for p in self.params]
+            self.scales = [relative_scale(p) for p in self.params] if relative else None
         self._generators: dict[torch.device, torch.Generator] = {}
         # (sign, seeds) of the point the parameters hold; None: they hold W; "moving": an apply was cut short.
         self._at: tuple[int, tuple[int, ...]] | str | None = None
@@ -193,16 +245,19 @@ class Perturbation:
         reflect_only = sign < 0 and self._at == (1, seeds)
         self._at = "moving"  # if a draw raises half-way, restore() still copies W back
         if not reflect_only:  # W - U right after W + U needs no new draw
-            for target, saved, seed in zip(map(local_tensor, self.params), self.backup, seeds, strict=True):
+            scales = self.scales or [None] * len(self.params)
+            for target, saved, seed, scale in zip(map(local_tensor, self.params), self.backup, seeds, scales, strict=True):
                 target.normal_(0.0, self.sigma, generator=self._generator(target.device, seed))
-                if self.relative:
-                    target.mul_(row_rms(saved).to(target.dtype))
+                if scale is not None:
+                    target.mul_(scale.to(target.dtype))
                 target.add_(saved)
         if sign < 0:
             # Reflect W + U through W: 2W - (W + U), exactly antithetic up to one rounding.
             for target, saved in zip(map(local_tensor, self.params), self.backup):
                 target.neg_().add_(saved, alpha=2)
         self._at = (sign, seeds)
+        if self.after_move is not None:
+            self.after_move()
 
     @property
     def at_origin(self) -> bool:
@@ -222,3 +277,5 @@ class Perturbation:
         for param, saved in zip(self.params, self.backup):
             local_tensor(param).copy_(saved)
         self._at = None
+        if self.after_move is not None:
+            self.after_move()

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
+from nso_hf.compat import (
+    count_once,
+    defer_gradient_sync,
+    refresh_zero3_gathered,
+    restore_before_engine_step,
+    snapshot_counters,
+    zero3_params,
+)
 from nso_hf.config import NSOConfig
-from nso_hf.noise import Perturbation, draw_seed, is_sharded, select_parameters
+from nso_hf.engines import check_engine, engine_name
+from nso_hf.noise import Perturbation, draw_seed, is_sharded, local_tensor, select_parameters
 from nso_hf.passes import Pass, pass_plan, scale_gradient
 from nso_hf.rng import GlobalRNGState
 
@@ -29,15 +40,19 @@ class NonFiniteLossError(RuntimeError):
     """A perturbed loss was NaN or infinite (the weights have been restored)."""
 
 
+@dataclass
+class _PassState:
+    """What `compute_loss` needs to know about the pass `training_step` is running."""
+
+    plan: Pass
+    skipped: bool = False  # its loss was non-finite and it contributes no gradient
+
+
 class NSOMixin:
     """Gives any `transformers.Trainer` subclass the NSO step: `class T(NSOMixin, SFTTrainer): ...`.
 
     Accepts one keyword more than the Trainer it is mixed into: `nso_config` (default `NSOConfig()`).
     """
-
-    # Counters that a parent's `compute_loss` advances once per call (trl's SFTTrainer counts
-    # tokens there). The step calls it once per pass, so they are put back to one count per micro-batch.
-    nso_counted_per_micro_batch: tuple[str, ...] = ("_total_train_tokens",)
 
     def __init__(self, *args: Any, nso_config: NSOConfig | None = None, **kwargs: Any):
         if nso_config is None:
@@ -45,12 +60,12 @@ class NSOMixin:
         if not isinstance(nso_config, NSOConfig):
             raise TypeError(f"nso_config must be an NSOConfig, got {type(nso_config).__name__}.")
         self.nso_config = nso_config
-        self._nso_pass: Pass | None = None  # set while a pass of training_step runs
+        self._nso_pass: _PassState | None = None  # set while a pass of training_step runs
         self._nso_params: tuple[int, list[tuple[str, nn.Parameter]]] | None = None  # (id(model), selection)
         self._nso_window = (-1, 0)  # (global step, micro-batches seen in its accumulation window)
-        self._nso_skipped_now = False
         self._nso_log = _NSOLogAccumulator()
         super().__init__(*args, **kwargs)
+        check_engine(self, nso_config)
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -65,35 +80,50 @@ class NSOMixin:
         syncs = self.accelerator.sync_gradients  # does this micro-batch end its accumulation window?
 
         # Snapshot W (the one extra copy) and the global RNG (so every pass draws the same dropout).
-        perturbation = Perturbation([p for _, p in named], cfg.sigma, relative=cfg.noise_scale == "relative")
+        params = [p for _, p in named]
+        zero3 = zero3_params(params)
+        perturbation = Perturbation(
+            params,
+            cfg.sigma,
+            relative=cfg.noise_scale == "relative",
+            after_move=(lambda: refresh_zero3_gathered(zero3)) if zero3 else None,
+        )
         rng = GlobalRNGState.capture()
-        counters = {a: getattr(self, a) for a in self.nso_counted_per_micro_batch if hasattr(self, a)}
-        losses: list[tuple[Pass, torch.Tensor, bool]] = []
+        counters = snapshot_counters(self)
+        passes: list[tuple[_PassState, torch.Tensor]] = []
         try:
             for i, p in enumerate(plan):
                 if not p.clean:
                     perturbation.apply(p.sign, seeds[p.draw])
                 rng.restore()
-                # Only the last pass of a syncing micro-batch may all-reduce (DDP) or step (DeepSpeed).
+                # Only the last pass of a syncing micro-batch may all-reduce (DDP) or step (DeepSpeed,
+                # which then steps at W: the weights are restored inside the engine's step).
                 last = i == len(plan) - 1
-                with contextlib.nullcontext() if last or not syncs else self._nso_defer_sync(model):
-                    self._nso_pass, self._nso_skipped_now = p, False
+                if syncs and not last:
+                    ctx = defer_gradient_sync(self, model)
+                elif syncs:
+                    ctx = restore_before_engine_step(self, perturbation.restore)
+                else:  # Trainer's loop has already deferred this micro-batch's sync
+                    ctx = contextlib.nullcontext()
+                with ctx:
+                    self._nso_pass = _PassState(p)
                     loss = super().training_step(model, inputs, num_items_in_batch)
-                losses.append((p, loss, self._nso_skipped_now))
+                passes.append((self._nso_pass, loss))
         finally:
-            # Weights go back by copy whatever happened: W + U - U != W in low precision.
+            # Weights go back by copy whatever happened: W + U - U != W in low precision. (A no-op
+            # when a DeepSpeed engine already restored W and stepped.)
             self._nso_pass = None
             perturbation.restore()
         self._nso_window = (step, micro_step + 1)
-        self._nso_count_once(counters, len(losses))
+        count_once(self, counters, len(passes))
 
-        perturbed = [loss for p, loss, skipped in losses if not p.clean and not skipped]
-        mean_perturbed = torch.stack(perturbed).mean() if perturbed else torch.full_like(losses[-1][1], float("nan"))
-        clean = [loss for p, loss, _ in losses if p.clean]
+        perturbed = [loss for s, loss in passes if not s.plan.clean and not s.skipped]
+        mean_perturbed = torch.stack(perturbed).mean() if perturbed else torch.full_like(passes[-1][1], float("nan"))
+        clean = [loss for s, loss in passes if s.plan.clean]
         self._nso_log.add(
             clean=clean[0] if clean else None,
             perturbed=mean_perturbed if perturbed else None,
-            skipped=sum(skipped for _, _, skipped in losses),
+            skipped=sum(s.skipped for s, _ in passes),
             step_done=syncs,
         )
         return mean_perturbed
@@ -102,14 +132,43 @@ class NSOMixin:
         out = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        p = self._nso_pass
-        if p is None:  # evaluation, or a call outside training_step
+        state = self._nso_pass
+        if state is None:  # evaluation, or a call outside training_step
             return out
         loss = out[0] if return_outputs else out
-        if not p.clean and not torch.isfinite(loss.detach()).all():  # one host sync per pass
-            loss = self._nso_nonfinite(model, loss, p)
-        loss = scale_gradient(loss, p.weight)
+        if not state.plan.clean and not torch.isfinite(loss.detach()).all():  # one host sync per pass
+            loss = self._nso_nonfinite(model, loss, state)
+        loss = scale_gradient(loss, state.plan.weight)
         return (loss, *out[1:]) if return_outputs else loss
+
+    # transformers >= 5.0 calls this once per optimizer step, after clipping, with the norm already
+    # reduced across ranks (so every rank takes the same decision). `check_engine` refuses
+    # nonfinite_loss='skip' where it is not called before the update (DeepSpeed, older transformers).
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.nso_config.nonfinite_loss == "skip" and not math.isfinite(float(grad_norm)):
+            # No gradient, no update: optimizers skip a parameter whose grad is None altogether (no
+            # weight decay, no moment update, no step count), as GradScaler skips an fp16 step.
+            model.zero_grad(set_to_none=True)
+            self._nso_log.skipped_steps += 1
+            logger.warning(
+                "NSO step %d: the gradient norm is %s; the optimizer step is skipped (nonfinite_loss='skip').",
+                self.state.global_step,
+                grad_norm,
+            )
+        return grad_norm
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Never write non-finite weights: a run that diverged says so instead of saving NaN adapters.
+        # Local check only (no collective: a user may call save_model on one rank).
+        for name, param in self._nso_parameters(self.model_wrapped or self.model):
+            local = local_tensor(param)
+            if local.numel() and not torch.isfinite(local).all():
+                raise NonFiniteLossError(
+                    f"Refusing to save: parameter {name!r} holds non-finite values (sigma={self.nso_config.sigma}). "
+                    "Lower sigma or the learning rate."
+                )
+        super().save_model(output_dir, _internal_call=_internal_call)
 
     # ------------------------------------------------------------------ helpers
     def _nso_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -118,25 +177,17 @@ class NSOMixin:
             selected = select_parameters(
                 model.named_parameters(), self.nso_config.perturb_include, self.nso_config.perturb_exclude
             )
-            if self.nso_config.noise_scale == "relative" and any(self._nso_sharded(p) for _, p in selected):
+            if self.nso_config.noise_scale == "relative" and engine_name(self) == "FSDP1":
                 raise ValueError(
-                    "NSOConfig.noise_scale='relative' needs whole rows, but the parameters are sharded "
-                    "(FSDP/ZeRO-3). Use noise_scale='absolute'."
+                    "NSOConfig.noise_scale='relative' needs whole rows, but FSDP1 shards parameters as flat 1-D "
+                    "pieces. Use FSDP2 (fsdp_version: 2; its dim-0 shards keep rows whole) or noise_scale='absolute'."
                 )
             self._nso_params = (id(model), selected)
         return self._nso_params[1]
 
-    def _nso_count_once(self, before: dict[str, Any], passes: int) -> None:
-        for attr, start in before.items():
-            once = start + (getattr(self, attr) - start) // passes
-            setattr(self, attr, once)
-            metrics = getattr(self, "_metrics", {}).get("train", {})
-            if attr == "_total_train_tokens" and "num_tokens" in metrics:  # trl mirrors the counter there
-                metrics["num_tokens"] = [once]
-
     def _nso_sharded(self, param: nn.Parameter) -> bool:
         # FSDP1 (use_orig_params) exposes flat 1-D shard views that carry no mark of their own.
-        return getattr(self, "is_fsdp_enabled", False) or is_sharded(param)
+        return engine_name(self) == "FSDP1" or is_sharded(param)
 
     def _nso_seed_table(self, named: list[tuple[str, nn.Parameter]], step: int, micro_step: int) -> list[list[int]]:
         """seeds[draw][tensor]: replicated tensors share the draw across ranks when asked; shards never do."""
@@ -149,31 +200,8 @@ class NSOMixin:
             for j in range(cfg.num_perturbations)
         ]
 
-    @contextlib.contextmanager
-    def _nso_defer_sync(self, model: nn.Module):
-        """No gradient sync and no DeepSpeed boundary for this pass: forward AND backward in `no_sync`.
-
-        Entered only inside a syncing micro-batch (elsewhere Trainer's loop has already deferred).
-        """
-        state = self.accelerator.gradient_state
-        state._set_sync_gradients(False)  # with DeepSpeed, backward steps the engine when this is True
-        try:
-            with self._nso_no_sync(model):
-                yield
-        finally:
-            state._set_sync_gradients(True)
-
-    def _nso_no_sync(self, model: nn.Module):
-        # A model sharded at load time by transformers (FSDP2) is not wrapped by Accelerate, whose
-        # `no_sync` would not reach it: Trainer's own loop makes the same distinction.
-        if getattr(self, "is_distributed_loading_by_transformers", False):
-            from transformers.distributed.fsdp import is_fsdp_managed_module
-
-            if is_fsdp_managed_module(self.model):
-                return self._defer_fsdp_gradient_reduction()
-        return self.accelerator.no_sync(model)
-
-    def _nso_nonfinite(self, model: nn.Module, loss: torch.Tensor, p: Pass) -> torch.Tensor:
+    def _nso_nonfinite(self, model: nn.Module, loss: torch.Tensor, state: _PassState) -> torch.Tensor:
+        p = state.plan
         where = (
             f"NSO step {self.state.global_step}: the loss at W {'+' if p.sign > 0 else '-'} U (draw {p.draw}) is "
             f"{loss.detach().float().item()} with sigma={self.nso_config.sigma}."
@@ -184,7 +212,7 @@ class NSOMixin:
                 "nonfinite_loss='skip' to drop such passes."
             )
         logger.warning("%s This pass contributes no gradient (nonfinite_loss='skip').", where)
-        self._nso_skipped_now = True
+        state.skipped = True
         # A zero loss that reaches every trainable parameter without touching the non-finite
         # activations: its gradient is exactly 0, and DDP still sees every parameter's gradient hook fire.
         return sum((q.sum() * 0.0 for q in model.parameters() if q.requires_grad), loss.new_zeros(()))
@@ -208,6 +236,7 @@ class _NSOLogAccumulator:
         self.clean_sum: torch.Tensor | None = None
         self.gap_sum: torch.Tensor | None = None
         self.skipped = 0
+        self.skipped_steps = 0
         self.steps = 0
 
     def add(self, clean: torch.Tensor | None, perturbed: torch.Tensor | None, skipped: int, step_done: bool) -> None:
@@ -227,6 +256,8 @@ class _NSOLogAccumulator:
                 out[key] = accelerator.reduce(value.detach() / steps, reduction="mean").item()
         if self.skipped:
             out["nso/skipped_passes"] = self.skipped
+        if self.skipped_steps:
+            out["nso/skipped_steps"] = self.skipped_steps
         self.reset()
         return out
 

@@ -1,0 +1,122 @@
+"""Where the NSO step leans on library internals: each function names the version it was written for.
+
+The algorithm (`trainer.py`, `passes.py`, `noise.py`) calls these and nothing private. When a
+library changes one of the internals below, this is the file to update; the tests that pin each
+behaviour are named beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+
+# accelerate 1.x (checked 1.15): `GradientState._set_sync_gradients` is private. With DeepSpeed,
+# `accelerator.backward` steps the engine whenever `sync_gradients` is True, so the earlier passes
+# of a syncing micro-batch must run with it False. Pinned by tests/test_ddp.py (all-reduce count)
+# and tests/test_engines.py (ZeRO boundary).
+@contextlib.contextmanager
+def defer_gradient_sync(trainer: Any, model: nn.Module) -> Iterator[None]:
+    """No gradient sync and no DeepSpeed boundary for one pass: forward AND backward inside."""
+    state = trainer.accelerator.gradient_state
+    state._set_sync_gradients(False)
+    try:
+        with _no_sync(trainer, model):
+            yield
+    finally:
+        state._set_sync_gradients(True)
+
+
+def _no_sync(trainer: Any, model: nn.Module):
+    # transformers 5.x: a model sharded at load time (`DistributedConfig(fsdp_size=...)`, FSDP2) is
+    # not wrapped by accelerate, whose `no_sync` would not reach it; Trainer's own loop makes the
+    # same distinction with its private `_defer_fsdp_gradient_reduction`.
+    if getattr(trainer, "is_distributed_loading_by_transformers", False):
+        from transformers.distributed.fsdp import is_fsdp_managed_module
+
+        if is_fsdp_managed_module(trainer.model):
+            return trainer._defer_fsdp_gradient_reduction()
+    return trainer.accelerator.no_sync(model)
+
+
+# accelerate 1.x (checked 1.15): `DeepSpeedEngineWrapper.backward` calls `engine.step()` right
+# after the boundary backward, inside `accelerator.backward`, i.e. inside the last pass and before
+# `training_step` regains control. The engine steps its own master partition (which never held
+# the noise) and then writes the update into the model's weights; restoring W after that would
+# copy the pre-step weights over the update (the bug that made ZeRO train nothing). So W is put
+# back first, inside the engine's step. Pinned by tests/test_engines.py.
+@contextlib.contextmanager
+def restore_before_engine_step(trainer: Any, restore: Callable[[], None]) -> Iterator[None]:
+    """While inside, a DeepSpeed engine's `step()` first calls `restore()`. Elsewhere a no-op."""
+    wrapper = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    if wrapper is None:
+        yield
+        return
+    engine = wrapper.engine
+    had_own = "step" in vars(engine)  # someone (a test, a profiler) may have wrapped it already
+    step = engine.step
+
+    def step_at_w(*args: Any, **kwargs: Any) -> Any:
+        restore()
+        return step(*args, **kwargs)
+
+    engine.step = step_at_w
+    try:
+        yield
+    finally:
+        if had_own:
+            engine.step = step
+        else:
+            del engine.step
+
+
+# DeepSpeed 0.1x (checked 0.19.8), ZeRO-3: the noise goes into each rank's partition `ds_tensor`,
+# which a forward all-gathers into `param.data`. But ZeRO-3 keeps some parameters gathered between
+# forwards: "persistent" ones (at most `stage3_param_persistence_threshold` elements: norms, biases,
+# typical LoRA matrices), once its module trace is complete, and their forward reads that gathered
+# copy, never the partition. Whether a parameter is gathered changes during the first steps, so after
+# every move of the partitions each gathered copy is dropped and gathered again from them: the
+# forward sees the noise and, after restore, the gathered copy equals the partitions. Costs one
+# all-gather of the gathered parameters (small by construction) per move.
+# Pinned by tests/test_engines.py (sharpness > 0 with LoRA under ZeRO-3; copies agree after training).
+def refresh_zero3_gathered(params: list[nn.Parameter]) -> None:
+    """Re-gather, from their partitions, the ZeRO-3 parameters among `params` that are gathered now.
+
+    A collective: every rank holds the same parameters gathered (ZeRO-3 traces the same modules on
+    every rank) and selects them in the same order.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in params if hasattr(p, "ds_tensor") and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if gathered:
+        for p in gathered:
+            p.partition()  # drops the gathered copy; the partition is the truth (nothing written back)
+        gathered[0].all_gather(param_list=gathered)
+
+
+def zero3_params(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The ZeRO-3 parameters among `params` (empty on every other engine)."""
+    return [p for p in params if hasattr(p, "ds_tensor")]
+
+
+# trl >= 1.0 (checked 1.16): `SFTTrainer.compute_loss` advances `_total_train_tokens` and mirrors it in
+# `_metrics["train"]["num_tokens"]` once per call; the step calls it once per pass. Pinned by
+# tests/test_trl.py.
+COUNTED_PER_MICRO_BATCH: tuple[str, ...] = ("_total_train_tokens",)
+
+
+def snapshot_counters(trainer: Any) -> dict[str, Any]:
+    return {a: getattr(trainer, a) for a in COUNTED_PER_MICRO_BATCH if hasattr(trainer, a)}
+
+
+def count_once(trainer: Any, before: dict[str, Any], passes: int) -> None:
+    """Put the counters back to one count per micro-batch after `passes` calls of `compute_loss`."""
+    for attr, start in before.items():
+        once = start + (getattr(trainer, attr) - start) // passes
+        setattr(trainer, attr, once)
+        metrics = getattr(trainer, "_metrics", {}).get("train", {})
+        if attr == "_total_train_tokens" and "num_tokens" in metrics:
+            metrics["num_tokens"] = [once]
