@@ -97,9 +97,10 @@ class Recipe:
         """The gold answer in the form `extract_answer` produces, so exact match is meaningful."""
         return normalize_answer(answer, self.answer_kind)
 
-    def extract_answer(self, text: str) -> str:
-        """The normalised final answer of a generated rationale (see `data_recipes.answers`)."""
-        return extract_answer(text, self.answer_kind)
+    def extract_answer(self, text: str, strict: bool = False) -> str:
+        """The normalised final answer of a generated rationale (see `data_recipes.answers`);
+        `strict` requires a final-answer marker instead of falling back to the last candidate."""
+        return extract_answer(text, self.answer_kind, strict=strict)
 
     def checked_answer(self, raw: Any, field_name: str) -> str:
         """Normalise `raw` and fail with a `RowError` when nothing of this recipe's kind is left."""
