@@ -241,20 +241,24 @@ def test_torchrun_two_processes_resume_true_matches_uninterrupted(tiny_model_dir
     assert resumed["eval"] == full["eval"]
 
 
-# 3-5, 7, 11, 12: what a normal run reports -----------------------------------------------------
+# 4, 5, 11, 12: what a normal run reports -----------------------------------------------------
 
 
-def test_two_eval_files_with_one_name_strict_and_flexible_progress_and_no_warnings(tiny_model_dir, tmp_path, capfd):
+def test_a_normal_run_warns_nothing(tiny_model_dir, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(cot_argv(tiny_model_dir, tmp_path / "out", "--max_steps", "1", "--disable_tqdm", "false"))
+    noisy = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, (FutureWarning, UserWarning))]
+    assert noisy == []
+
+
+def test_two_eval_files_with_one_base_name_keep_their_own_results(tiny_model_dir, tmp_path, capfd):
     train = gsm8k_file(tmp_path / "train.jsonl", "train", 16)
     first = gsm8k_file(tmp_path / "a" / "test.jsonl", "test", 3, seed=1)
     second = gsm8k_file(tmp_path / "b" / "test.jsonl", "test", 5, seed=2)
     argv = cot_argv(tiny_model_dir, tmp_path / "out", "--recipe", "gsm8k", "--train_source", train,
                     "--eval_sources", first, second, "--disable_tqdm", "false")  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = run(argv)
-    noisy = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, (FutureWarning, UserWarning))]
-    assert noisy == []
+    results = run(argv)
     assert set(results["eval"]) == {"a_test", "b_test"}
     assert results["data"]["eval_sources"] == {"a_test": first, "b_test": second}
     assert results["data"]["max_length"] == 256  # the model's max_position_embeddings, below the default 512
