@@ -182,6 +182,7 @@ def test_resume_path_and_true_end_bit_identical_to_the_uninterrupted_run(tiny_mo
     resumed = run(cot_argv(tiny_model_dir, interrupted, *schedule, "--resume_from_checkpoint", "true"))
     assert count_steps == [4, 5, 6]
     assert resumed["train"]["resumed_from"] == str(interrupted / "checkpoint-3")
+    assert (resumed["train"]["resumed_at_step"], resumed["train"]["global_step"]) == (3, 6)
     assert_same_tensors(adapters(tmp_path / "full"), adapters(interrupted))
     assert resumed["eval"] == full["eval"]
     assert _tree_digest(interrupted / "checkpoint-3") == before

@@ -239,13 +239,18 @@ def run_cot_finetune(
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
-    steps = max(1, train_output.global_step)
+    resumed_at = 0
+    if resume is not None:
+        with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as handle:
+            resumed_at = json.load(handle).get("global_step", 0)
+    steps = max(1, train_output.global_step - resumed_at)  # the steps this process ran
     train_metrics = {
         "global_step": train_output.global_step,
         "train_loss": train_output.training_loss,
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / steps,
         "resumed_from": resume,
+        "resumed_at_step": resumed_at,
     }
     if script_args.save_final_model:
         trainer.save_model(training_args.output_dir)
