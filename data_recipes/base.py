@@ -103,7 +103,8 @@ class Recipe:
         return extract_answer(text, self.answer_kind, strict=strict)
 
     def checked_answer(self, raw: Any, field_name: str) -> str:
-        """Normalise `raw` and fail with a `RowError` when nothing of this recipe's kind is left."""
+        """Normalise `raw`; a `RowError` when it is missing, an `AnswerKindError` when it is not one
+        well-formed answer of this recipe's kind (a list, "eighteen" for a number, "maybe" for yes/no)."""
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             raise RowError(field_name, "no final answer")
         if isinstance(raw, (list, tuple, dict)):
@@ -174,9 +175,12 @@ class Recipe:
                 if isinstance(error, AnswerKindError):
                     wrong_kind.append(error.raw)
                 if self.on_bad_row == "raise":
+                    hint = ""
                     if isinstance(error, AnswerKindError):
-                        message += self._kind_hint(wrong_kind, self._sniff(rows, wrong_kind, rows_read))
-                    raise ValueError(message + " (--on_bad_row drop / on_bad_row='drop' skips such rows)") from error
+                        hint = self._kind_hint(wrong_kind, self._sniff(rows, wrong_kind, rows_read))
+                    # Dropping is no fix for a file that needs another recipe: only offer it for stray rows.
+                    advice = hint or " (--on_bad_row drop / on_bad_row='drop' skips such rows)"
+                    raise ValueError(message + advice) from error
                 report.dropped += 1
                 report.drop_reasons.append(message)
                 continue
