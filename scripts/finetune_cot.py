@@ -55,9 +55,17 @@ def main(argv: list[str]) -> None:
 
         run_cot_demo()
         return
+    from nso_hf.cot.checks import InputError
     from nso_hf.cot.finetune import run_cot_finetune
 
-    run_cot_finetune(*parse_arguments(argv))
+    try:
+        arguments = parse_arguments(argv)
+    except ValueError as error:  # a bad value the dataclasses rejected: usage and one line, exit 2
+        make_parser().error(str(error))
+    try:
+        run_cot_finetune(*arguments)
+    except InputError as error:  # bad options or data, found before training: one line, exit 1
+        sys.exit(f"finetune_cot.py: error: {error}")
 
 
 if __name__ == "__main__":

@@ -424,3 +424,35 @@ def test_demo_shows_trainer_progress():
 
     training_args = demo_arguments("nso", "tiny", "outputs/x", None)[2]
     assert training_args.disable_tqdm is False
+
+
+def test_torchrun_every_rank_stops_on_bad_data_before_loading(tiny_model_dir, tmp_path):
+    wrong = write_jsonl(tmp_path / "yesno.jsonl", [{"question": f"q{i}?", "rationale": "r", "answer": "No"} for i in range(4)])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+        os.path.join(SCRIPTS, "finetune_cot.py"), *cot_argv(tiny_model_dir, tmp_path / "out"),
+        "--recipe", "gsm8k", "--train_source", wrong, "--use_cpu", "true", "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    # A rank stops with one line and no traceback of ours (torchrun then ends the other rank and
+    # prints its own summary); neither hangs in a collective waiting for the other.
+    errors = [line for line in done.stderr.splitlines() if "finetune_cot.py: error: " in line]
+    assert errors and all("yesno.jsonl: row 1: field 'answer'" in e and "--recipe strategyqa" in e for e in errors)
+    assert "data_recipes/" not in done.stderr and "nso_hf/" not in done.stderr, done.stderr[-3000:]
+    assert "[cot] train:" not in done.stdout  # stopped before the tokenizer and model were loaded
+
+
+def test_script_reports_bad_input_in_one_line(tmp_path, no_model_load, capsys):
+    from finetune_cot import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(cot_argv(None, tmp_path / "out", "--recipe", "gsm8k", "--train_source", str(empty)))
+    assert exit_info.value.code == f"finetune_cot.py: error: {empty}: no examples to use (it has no rows)."
+    with pytest.raises(SystemExit) as exit_info:
+        main(cot_argv(None, tmp_path / "out", "--recipe", "gsm8k", "--answer_kind", "yesno"))
+    assert exit_info.value.code == 2  # argparse's usage error, like an unknown choice
+    assert "error: --answer_kind yesno does not apply to --recipe gsm8k" in capsys.readouterr().err.splitlines()[-1]

@@ -2,7 +2,8 @@
 
 Every rank runs them (they are cheap: a config file, a probe file, the data already being read),
 so no rank starts loading a model while another has already stopped. Each raises a one-line
-`ValueError` that names the option or file and the fix.
+`ValueError` that names the option or file and the fix; `nso_hf.cot.finetune.checked_inputs`
+turns them into `InputError`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import os
 import tempfile
 from typing import Optional
+
+class InputError(ValueError):
+    """Bad options or data, found before training: the message is the whole story (file, row or
+    option, and the fix), so `scripts/finetune_cot.py` prints it as one line without a traceback."""
+
 
 # The default --max_length when the model allows more: long enough for GSM8K-style rationales,
 # short enough that one odd example does not set the memory of a whole batch.

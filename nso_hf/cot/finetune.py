@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
-from nso_hf.cot.checks import model_position_limit, resolve_max_length
+from nso_hf.cot.checks import InputError, check_output_dir, model_position_limit, resolve_max_length
 from nso_hf.cot.resume import resolve_resume_checkpoint
 
 
@@ -126,6 +126,52 @@ def position_limit(script_args: CoTScriptArguments) -> tuple[Optional[int], str]
     return model_position_limit(script_args.model_name_or_path, script_args.gguf_file), script_args.model_name_or_path
 
 
+@dataclasses.dataclass
+class CheckedInputs:
+    """What `checked_inputs` verified and read: the run's data and settings, before any model exists."""
+
+    recipe: Any
+    resume: Optional[str]
+    max_length: int
+    train_source: str
+    train_data: Any
+    load_report: Any
+    eval_sets: dict[str, Any]
+    eval_origin: dict[str, str]
+
+
+def checked_inputs(
+    script_args: CoTScriptArguments, data_args: CoTDataArguments, training_args: Any
+) -> CheckedInputs:
+    """Check the output folder, the checkpoint to resume from and --max_length, and read every data source.
+
+    Runs on every rank before any model is loaded or built: a bad option or file costs seconds.
+
+    Raises:
+        InputError: one line naming the option or file and the fix (the scripts print it alone).
+    """
+    try:
+        check_output_dir(training_args.output_dir)
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
+        recipe = build_recipe(data_args)
+        train_source, eval_sources = data_sources(data_args)
+        train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
+        load_report = recipe.last_report
+        names = eval_source_names(eval_sources)
+        eval_sets = {
+            name: recipe.load(source, split=data_args.eval_split, max_samples=data_args.max_eval_samples)
+            for name, source in zip(names, eval_sources)
+        }
+        eval_origin = dict(zip(names, eval_sources))
+        for name, data in [(train_source, train_data), *((eval_origin[n], d) for n, d in eval_sets.items())]:
+            if len(data) == 0:  # local files already raise in Recipe.load; this covers generated splits
+                raise ValueError(f"{name}: no examples to use.")
+    except (ValueError, OSError) as error:  # OSError: a missing file or model folder
+        raise InputError(str(error)) from None  # the message says it all; the traceback would bury it
+    return CheckedInputs(recipe, resume, max_length, train_source, train_data, load_report, eval_sets, eval_origin)
+
+
 def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
     """A plain `Trainer` when `nso_config` is None, else an `NSOTrainer` running it."""
     if nso_config is None:
@@ -173,27 +219,15 @@ def run_cot_finetune(
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
     from data_recipes.formatting import format_for_training
-    from nso_hf.cot.checks import check_output_dir
     from nso_hf.cot.evaluation import evaluate_cot
     from nso_hf.cot.models import add_lora, load_causal_lm, resolve_model_source
 
     # Everything that can be wrong with the options and the data fails here, on every rank, before
     # minutes of model loading (or of pretraining the tiny default) and long before the first save.
-    check_output_dir(training_args.output_dir)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
-    recipe = build_recipe(data_args)
-    train_source, eval_sources = data_sources(data_args)
-    train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
-    load_report = recipe.last_report
-    eval_sets = {
-        name: recipe.load(source, split=data_args.eval_split, max_samples=data_args.max_eval_samples)
-        for name, source in zip(eval_source_names(eval_sources), eval_sources)
-    }
-    eval_origin = dict(zip(eval_sets, eval_sources))
-    for name, data in [(train_source, train_data), *((eval_origin[n], d) for n, d in eval_sets.items())]:
-        if len(data) == 0:  # local files already raise in Recipe.load; this covers generated splits
-            raise ValueError(f"{name}: no examples to use.")
+    inputs = checked_inputs(script_args, data_args, training_args)
+    recipe, resume, max_length = inputs.recipe, inputs.resume, inputs.max_length
+    train_source, train_data, load_report = inputs.train_source, inputs.train_data, inputs.load_report
+    eval_sets, eval_origin = inputs.eval_sets, inputs.eval_origin
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         # Pinning needs an accelerator: on CPU torch warns at every dataloader and pins nothing.
         training_args.dataloader_pin_memory = False
@@ -223,7 +257,7 @@ def run_cot_finetune(
     print(f"[cot] {train_source}: {load_report.kept} rows loaded, {load_report.dropped} bad rows dropped; "
           f"{format_report.summary()}", flush=True)
     if len(features) == 0:  # the data had rows (checked above): the length limit removed them all
-        raise ValueError(
+        raise InputError(
             f"{train_source}: all {format_report.dropped} examples are longer than --max_length {max_length} "
             "tokens: raise --max_length or pass --overlong truncate."
         )
