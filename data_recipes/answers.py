@@ -3,7 +3,10 @@
 A generation is scored by the answer it commits to, not by its rationale. The answer is looked
 for, in order: after the last `####` (the GSM8K convention our training targets use), after the
 last "answer is" / "answer:" phrase, and finally (numbers and yes/no only) as the last candidate
-anywhere in the text. Every function here is pure.
+anywhere in the text. That last fallback is what lm-evaluation-harness calls "flexible" matching
+for GSM8K: it also credits a rambling or cut-off generation whose last number happens to be
+right, so `strict=True` (a final-answer marker required) is the headline score and the
+fallback is reported beside it. Every function here is pure.
 """
 
 from __future__ import annotations
@@ -93,13 +96,15 @@ def _answer_region(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def extract_answer(text: str, kind: str = "number") -> str:
+def extract_answer(text: str, kind: str = "number", strict: bool = False) -> str:
     """The final answer a chain-of-thought generation commits to, normalised.
 
     Args:
         text: the generated rationale + answer, e.g. "12 + 5 = 17\\n#### 17" or "... The answer is (B).".
         kind: "number" (GSM8K, arithmetic), "yesno" (StrategyQA), "letter" (CommonsenseQA, AQuA)
             or "text" (free form: the first line after the marker).
+        strict: only an answer after a marker (`####`, "answer is", "answer:") counts; without one
+            the result is "". False adds the fallback to the last candidate in the text.
 
     Returns:
         The normalised answer ("17", "yes", "B", ...), or "" when the text commits to none.
@@ -107,6 +112,8 @@ def extract_answer(text: str, kind: str = "number") -> str:
     if kind not in ANSWER_KINDS:
         raise ValueError(f"Unknown answer kind {kind!r}; use one of {ANSWER_KINDS}.")
     region, marked = _answer_region(text)
+    if strict and not marked:
+        return ""
     if kind == "number":
         # After a marker the first number is the answer; without one, the last number written.
         found = _NUMBER.findall(region)
@@ -132,3 +139,40 @@ def extract_answer(text: str, kind: str = "number") -> str:
         return ""
     first_line = region.strip().split("\n", 1)[0]
     return normalize_text(first_line)
+
+
+_CANONICAL = {
+    "number": re.compile(r"-?\d+(?:\.\d+)?"),
+    "yesno": re.compile(r"yes|no"),
+    "letter": re.compile(r"[A-Z]"),
+    "text": re.compile(r".+", re.DOTALL),
+}
+
+
+def is_answer_of_kind(answer: str, kind: str) -> bool:
+    """Whether a normalised answer is a well-formed answer of `kind`.
+
+    `normalize_number("eighteen")` returns "eighteen" unchanged (it is not a number), and a list
+    `["70000"]` turns into the string "['70000']": as a reference either would silently score
+    every prediction wrong, so gold answers are checked with this before they are accepted.
+    """
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"Unknown answer kind {kind!r}; use one of {ANSWER_KINDS}.")
+    return bool(_CANONICAL[kind].fullmatch(answer))
+
+
+def guess_answer_kind(values: list) -> str | None:
+    """The answer kind (other than "text") that more than half of raw gold `values` parse as, or None.
+
+    Used to say which recipe fits a file whose answers do not fit the chosen one. yes/no and
+    letters are tried before numbers, none of them overlap.
+    """
+    if not values:
+        return None
+    for kind in ("yesno", "letter", "number"):
+        fits = sum(
+            not isinstance(v, (list, tuple, dict)) and is_answer_of_kind(normalize_answer(v, kind), kind) for v in values
+        )
+        if fits * 2 > len(values):
+            return kind
+    return None

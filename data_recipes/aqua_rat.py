@@ -22,7 +22,7 @@ class AquaRatRecipe(Recipe):
     hub_config = "raw"
 
     def parse_row(self, row: dict[str, Any]) -> dict[str, str]:
-        if is_cot_json_row(row) and "correct" not in row:
+        if "correct" not in row and is_cot_json_row(row, own_answer_field="correct"):
             return parse_cot_json_row(self, row)
         question = require_text(row, "question")
         options = row.get("options")

@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from data_recipes.answers import ANSWER_KINDS, extract_answer, normalize_answer
+from data_recipes.answers import ANSWER_KINDS, extract_answer, guess_answer_kind, is_answer_of_kind, normalize_answer
 from data_recipes.sources import is_local_source, iter_rows
 
 COLUMNS = ("question", "rationale", "answer")
 BAD_ROW_POLICIES = ("raise", "drop")
+# After the first answer of the wrong kind, this many further rows are read to tell a stray bad
+# row from a file that needs another recipe (a few milliseconds for a local file).
+KIND_SNIFF_ROWS = 1000
 
 
 class RowError(ValueError):
@@ -25,6 +28,23 @@ class RowError(ValueError):
         super().__init__(f"field {field!r}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class AnswerKindError(RowError):
+    """A gold answer that is present but not of the recipe's kind; `raw` keeps it for the hint."""
+
+    def __init__(self, field: str, reason: str, raw: Any) -> None:
+        super().__init__(field, reason)
+        self.raw = raw
+
+
+def recipes_for_kind(kind: str) -> str:
+    """Which recipes compare answers of `kind`, as advice: "--recipe strategyqa, or ..."."""
+    from data_recipes import RECIPES  # the registry imports this module
+
+    named = sorted(name for name, recipe in RECIPES.items() if recipe.answer_kind == kind and name != "synthetic")
+    generic = f"--recipe cot_json or jsonl with --answer_kind {kind}"
+    return f"--recipe {' or '.join(named)}, or {generic}" if named else generic
 
 
 @dataclass
@@ -77,18 +97,53 @@ class Recipe:
         """The gold answer in the form `extract_answer` produces, so exact match is meaningful."""
         return normalize_answer(answer, self.answer_kind)
 
-    def extract_answer(self, text: str) -> str:
-        """The normalised final answer of a generated rationale (see `data_recipes.answers`)."""
-        return extract_answer(text, self.answer_kind)
+    def extract_answer(self, text: str, strict: bool = False) -> str:
+        """The normalised final answer of a generated rationale (see `data_recipes.answers`);
+        `strict` requires a final-answer marker instead of falling back to the last candidate."""
+        return extract_answer(text, self.answer_kind, strict=strict)
 
     def checked_answer(self, raw: Any, field_name: str) -> str:
-        """Normalise `raw` and fail with a `RowError` when nothing of this recipe's kind is left."""
+        """Normalise `raw`; a `RowError` when it is missing, an `AnswerKindError` when it is not one
+        well-formed answer of this recipe's kind (a list, "eighteen" for a number, "maybe" for yes/no)."""
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             raise RowError(field_name, "no final answer")
+        if isinstance(raw, (list, tuple, dict)):
+            raise AnswerKindError(
+                field_name, f"expected one {self.answer_kind} answer, got a {type(raw).__name__}: {str(raw)[:60]!r}", raw
+            )
         answer = self.normalize_answer(raw)
-        if not answer:
-            raise RowError(field_name, f"no final answer of kind {self.answer_kind!r} in {str(raw)[:60]!r}")
+        if not is_answer_of_kind(answer, self.answer_kind):
+            raise AnswerKindError(
+                field_name, f"{str(raw)[:60]!r} is not an answer of kind {self.answer_kind!r}", raw
+            )
         return answer
+
+    def _kind_hint(self, wrong_kind: list[Any], rows_read: int) -> str:
+        """" N of M rows ... look like yesno answers: use --recipe strategyqa ..." when most rows read
+        miss the kind and fit another one; "" otherwise."""
+        if not wrong_kind or len(wrong_kind) * 2 <= rows_read:
+            return ""
+        guess = guess_answer_kind(wrong_kind)
+        if guess is None:  # no kind fits them either: bad rows, not the wrong recipe
+            return ""
+        return (
+            f"; {len(wrong_kind)} of {rows_read} rows read have no {self.answer_kind} answer, so recipe "
+            f"{self.name!r} does not fit this file; they look like {guess} answers: use {recipes_for_kind(guess)}"
+        )
+
+    def _sniff(self, rows: Any, wrong_kind: list[Any], rows_read: int) -> int:
+        """Parse up to KIND_SNIFF_ROWS more rows, adding wrong-kind answers to `wrong_kind`; returns rows read."""
+        for _, row in rows:
+            if rows_read >= KIND_SNIFF_ROWS:
+                break
+            rows_read += 1
+            try:
+                self.parse_row(row)
+            except AnswerKindError as error:
+                wrong_kind.append(error.raw)
+            except RowError:
+                pass
+        return rows_read
 
     def load(self, source: str, split: str = "train", max_samples: Optional[int] = None):
         """Read `source` (a local .jsonl/.json/.parquet path or a Hub id) into a `datasets.Dataset`.
@@ -106,15 +161,26 @@ class Recipe:
         report = LoadReport(source=str(source))
         columns: dict[str, list[str]] = {name: [] for name in COLUMNS}
         origin = str(source) if is_local_source(str(source)) else f"{source} [{split}]"
-        for number, row in iter_rows(str(source), self.hub_config, split):
+        wrong_kind: list[Any] = []  # raw answers that are not of this recipe's kind
+        rows = iter_rows(str(source), self.hub_config, split)
+        rows_read = 0
+        for number, row in rows:
             if max_samples is not None and report.kept >= max_samples:
                 break
+            rows_read += 1
             try:
                 example = self.parse_row(row)
             except RowError as error:
                 message = f"{origin}: row {number}: {error}"
+                if isinstance(error, AnswerKindError):
+                    wrong_kind.append(error.raw)
                 if self.on_bad_row == "raise":
-                    raise ValueError(message + " (pass on_bad_row='drop' to skip such rows)") from error
+                    hint = ""
+                    if isinstance(error, AnswerKindError):
+                        hint = self._kind_hint(wrong_kind, self._sniff(rows, wrong_kind, rows_read))
+                    # Dropping is no fix for a file that needs another recipe: only offer it for stray rows.
+                    advice = hint or " (--on_bad_row drop / on_bad_row='drop' skips such rows)"
+                    raise ValueError(message + advice) from error
                 report.dropped += 1
                 report.drop_reasons.append(message)
                 continue
@@ -122,4 +188,11 @@ class Recipe:
                 columns[name].append(example[name])
             report.kept += 1
         self.last_report = report
+        hint = self._kind_hint(wrong_kind, rows_read)
+        if hint:
+            # Dropping most of a file is not "a few bad rows": the recipe is the wrong one.
+            raise ValueError(f"{origin}: {report.dropped} rows dropped{hint}.")
+        if report.kept == 0 and max_samples != 0:
+            detail = f"all {report.dropped} rows were bad, e.g. {report.drop_reasons[0]}" if report.dropped else "it has no rows"
+            raise ValueError(f"{origin}: no examples to use ({detail}).")
         return datasets.Dataset.from_dict(columns)

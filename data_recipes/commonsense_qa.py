@@ -3,7 +3,8 @@
 Hub layout: {"id", "question", "question_concept", "choices": {"label": ["A", ...], "text": [...]},
 "answerKey": "A"}. The choices are appended to the question ("Answer choices: (A) ... (E) ..."),
 the answer is the letter. The Hub layout has no rationale (empty: answer-only training); the
-common CoT-JSON layout (with "choices" optional) carries one.
+common CoT-JSON layout (with "choices" optional) usually carries one, and is also read without it:
+`{"question": "... Answer choices: (A) ... (E) ...", "answer": "A"}`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class CommonsenseQARecipe(Recipe):
         return f"{question}\n{format_choices(choices['label'], choices['text'])}"
 
     def parse_row(self, row: dict[str, Any]) -> dict[str, str]:
-        if is_cot_json_row(row):
+        if is_cot_json_row(row, own_answer_field="answerKey"):
             example = parse_cot_json_row(self, row)
             example["question"] = self._with_choices(example["question"], row)
             return example

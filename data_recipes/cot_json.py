@@ -6,14 +6,29 @@ This is the layout `Recipe.load` itself returns, and what distilled-CoT releases
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from data_recipes.base import Recipe, require_text
 
 
-def is_cot_json_row(row: dict[str, Any]) -> bool:
-    """True when a raw row uses the common layout (it has a "rationale" field)."""
-    return "rationale" in row and "question" in row
+def is_cot_json_row(row: dict[str, Any], own_answer_field: Optional[str] = None) -> bool:
+    """True when a raw row uses the common layout.
+
+    Args:
+        row: the raw row.
+        own_answer_field: the answer column of the recipe's own layout ("answerKey", "correct"),
+            for recipes where it differs from "answer". Then a row with "question" and "answer" but
+            without that column is the common layout too, also without a rationale (answer-only
+            files such as `{"question": "... Answer choices: (A) ...", "answer": "A"}`).
+
+    Returns:
+        Whether to read the row with `parse_cot_json_row`.
+    """
+    if "question" not in row:
+        return False
+    if "rationale" in row:
+        return True
+    return own_answer_field is not None and own_answer_field not in row and "answer" in row
 
 
 def parse_cot_json_row(recipe: Recipe, row: dict[str, Any]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from data_recipes.base import Recipe, RowError, require_text
+from data_recipes.base import AnswerKindError, Recipe, require_text
 from data_recipes.cot_json import is_cot_json_row, parse_cot_json_row
 
 CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
@@ -44,7 +44,8 @@ class GSM8KRecipe(Recipe):
         question = require_text(row, "question")
         solution = require_text(row, "answer")
         if "####" not in solution:
-            raise RowError("answer", "no final answer after '####'")
+            # An AnswerKindError, so that a file of other answers ("Yes", "B") is told which recipe fits.
+            raise AnswerKindError("answer", "no final answer after '####'", solution)
         rationale, final = solution.rsplit("####", 1)
         if not self.keep_calculator_notes:
             rationale = strip_calculator_notes(rationale)

@@ -13,6 +13,10 @@ A real run (one process, or `--num_processes N` for DDP on N GPUs):
         --method nso --sigma 0.01 --output_dir outputs/gsm8k_nso --num_train_epochs 3 \
         --per_device_train_batch_size 8 --learning_rate 3e-4 --hessian_trace_probes 50
 
+Continue an interrupted run from its newest complete checkpoint (or name one):
+
+    python scripts/finetune_cot.py ...same options... --resume_from_checkpoint true
+
 Every option can also come from a YAML file (`--config run.yaml`; command-line options override it).
 Options: `python scripts/finetune_cot.py --help`.
 """
@@ -23,13 +27,20 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from nso_hf.cli import parse_with_config
+from nso_hf.cli import add_config_argument, parse_with_config
 from nso_hf.config import NSOConfig
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments))
+    parser = HfArgumentParser(
+        (CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments),
+        description="Chain-of-thought fine-tuning with NSO, RWP or a plain Trainer (docs/cot.md). With no "
+        "arguments: the offline demo (make demo). --resume_from_checkpoint takes a checkpoint folder, or 'true' "
+        "for the newest complete one in --output_dir.",
+    )
+    add_config_argument(parser)
+    return parser
 
 
 def parse_arguments(argv: list[str]) -> tuple:
@@ -44,9 +55,17 @@ def main(argv: list[str]) -> None:
 
         run_cot_demo()
         return
+    from nso_hf.cot.checks import InputError
     from nso_hf.cot.finetune import run_cot_finetune
 
-    run_cot_finetune(*parse_arguments(argv))
+    try:
+        arguments = parse_arguments(argv)
+    except ValueError as error:  # a bad value the dataclasses rejected: usage and one line, exit 2
+        make_parser().error(str(error))
+    try:
+        run_cot_finetune(*arguments)
+    except InputError as error:  # bad options or data, found before training: one line, exit 1
+        sys.exit(f"finetune_cot.py: error: {error}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from nso_hf.cli import parse_with_config
+from nso_hf.cli import add_config_argument, parse_with_config
 from nso_hf import NSOConfig
 from nso_hf.clip.arguments import (
     CLIPDataArguments,
@@ -59,7 +59,9 @@ DATACLASSES = (CLIPModelArguments, CLIPDataArguments, CLIPRunArguments, Training
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(DATACLASSES)
+    parser = HfArgumentParser(DATACLASSES)
+    add_config_argument(parser)
+    return parser
 
 
 def parse(argv: list[str]) -> tuple[tuple, set[str]]:

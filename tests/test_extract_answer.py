@@ -52,3 +52,20 @@ def test_recipe_extracts_its_own_kind():
 def test_unknown_kind_raises():
     with pytest.raises(ValueError, match="Unknown answer kind 'digits'"):
         extract_answer("#### 3", "digits")
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "strict", "flexible"),
+    [
+        # A generation cut off by max_new_tokens: the last number is right by chance.
+        ("13 -122 books2 books22 books 13", "number", "", "13"),
+        ("7 + 6 = 13\n#### 13", "number", "13", "13"),
+        ("So the answer is 13 books.", "number", "13", "13"),
+        ("Snails are slow, no", "yesno", "", "no"),
+        ("A fridge, so (b) refrigerator.", "letter", "", "B"),
+        ("The answer is (B).", "letter", "B", "B"),
+    ],
+)
+def test_strict_needs_a_marker_flexible_falls_back(text, kind, strict, flexible):
+    assert extract_answer(text, kind, strict=True) == strict
+    assert extract_answer(text, kind) == flexible

@@ -73,11 +73,13 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model_dir):
 def test_format_table():
     from nso_hf.cot.demo import format_table
 
-    run = {"method": "nso", "eval": {"test": {"exact_match": 0.5, "num_correct": 1, "num_examples": 2}},
+    run = {"method": "nso", "eval": {"test": {"exact_match": 0.5, "num_correct": 1, "num_examples": 2,
+                                              "exact_match_flexible": 1.0}},
            "hessian_trace": {"value": 12.345, "stderr": 0.5}, "train": {"seconds_per_step": 0.25, "train_loss": 1.5}}
     table = format_table([run, {**run, "method": "none", "hessian_trace": None}])
-    assert table.splitlines()[2] == "| nso | 0.500 (1/2) | 12.3 ± 0.5 | 0.250 | 1.5000 |"
-    assert table.splitlines()[3].startswith("| none | 0.500 (1/2) | n/a |")
+    assert table.splitlines()[0].startswith("| method | accuracy test | flexible test |")
+    assert table.splitlines()[2] == "| nso | 0.500 (1/2) | 1.000 | 12.3 ± 0.5 | 0.250 | 1.5000 |"
+    assert table.splitlines()[3].startswith("| none | 0.500 (1/2) | 1.000 | n/a |")
 
 
 def _run_args(model_dir, output_dir, method):

@@ -206,3 +206,64 @@ def test_chat_template_prompt_is_masked(tokenizer):
     assert features[0]["labels"][n:] == features[0]["input_ids"][n:]
     with pytest.raises(ValueError, match="has no chat_template"):
         format_for_training(ds, tokenizer, template="chat")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [("eighteen", r"'eighteen' is not an answer of kind 'number'"),
+     (["70000"], r"expected one number answer, got a list"),
+     (True, r"'True' is not an answer of kind 'number'")],
+)
+def test_gold_answer_of_the_wrong_kind_is_a_bad_row(tmp_path, answer, reason):
+    rows = [{"question": "How many?", "rationale": "2 + 2 = 4", "answer": "4"},
+            {"question": "How many more?", "rationale": "9 + 9 = 18", "answer": answer},
+            {"question": "And now?", "rationale": "1 + 1 = 2", "answer": "2"}]
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"mixed\.jsonl: row 2: field 'answer': {reason}"):
+        get_recipe("gsm8k").load(path)
+    recipe = get_recipe("gsm8k", on_bad_row="drop")
+    assert recipe.load(path)["answer"] == ["4", "2"]
+    assert (recipe.last_report.kept, recipe.last_report.dropped) == (2, 1)
+
+
+def test_file_of_another_answer_kind_names_the_recipe_that_fits(tmp_path):
+    yesno = _write_jsonl(tmp_path / "yesno.jsonl", [
+        {"question": f"Is {i} even?", "rationale": "Look at the last digit.", "answer": "Yes" if i % 2 == 0 else "No"}
+        for i in range(6)
+    ])
+    advice = r"6 of 6 rows read have no number answer, so recipe 'gsm8k' does not fit this file; .*--recipe strategyqa"
+    with pytest.raises(ValueError, match=r"yesno\.jsonl: row 1: field 'answer': 'Yes' is not .*" + advice):
+        get_recipe("gsm8k").load(yesno)
+    with pytest.raises(ValueError, match=r"yesno\.jsonl: 6 rows dropped; " + advice):
+        get_recipe("gsm8k", on_bad_row="drop").load(yesno)
+    letters = _write_jsonl(tmp_path / "letters.jsonl", [{"question": "Pick one", "answer": c} for c in "ABCAB"])
+    with pytest.raises(ValueError, match=r"look like letter answers: use --recipe aqua_rat or commonsense_qa"):
+        get_recipe("jsonl", rationale_field=None, answer_kind="number").load(letters)
+    assert get_recipe("strategyqa").load(yesno)["answer"] == ["yes", "no"] * 3
+
+
+def test_empty_file_is_an_error_naming_it(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no examples to use \(it has no rows\)"):
+        get_recipe("gsm8k").load(str(empty))
+    bad = _write_jsonl(tmp_path / "allbad.jsonl", [{"question": "q?", "answer": "no marker"}])
+    with pytest.raises(ValueError, match=r"allbad\.jsonl: .*row 1: field 'answer': no final answer after '####'"):
+        get_recipe("gsm8k", on_bad_row="drop").load(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "question", "answer", "expected"),
+    [("commonsense_qa", "Where is milk kept cold?\nAnswer choices: (A) oven (B) fridge (C) desk (D) bed (E) car", "B", "B"),
+     ("aqua_rat", "3x = 9. x?\nAnswer choices: (A) 1 (B) 2 (C) 3 (D) 4 (E) 5", "(c)", "C"),
+     ("strategyqa", "Can fish ride bicycles?", "no", "no")],
+)
+def test_common_layout_without_rationale(tmp_path, name, question, answer, expected):
+    path = _write_jsonl(tmp_path / "answer_only.jsonl", [{"question": question, "answer": answer}])
+    ds = get_recipe(name).load(path)
+    assert ds.to_list() == [{"question": question, "rationale": "", "answer": expected}]

@@ -8,7 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from data_recipes import RECIPES
+from data_recipes.answers import ANSWER_KINDS
 from nso_hf.config import METHODS
+
+# Recipes whose answer kind is an option; the others fix it (gsm8k: numbers, strategyqa: yes/no, ...).
+KIND_OPTION_RECIPES = ("jsonl", "cot_json")
 
 PRESETS = ("smollm2",)
 
@@ -85,7 +90,11 @@ class CoTDataArguments:
 
     recipe: str = field(
         default="synthetic",
-        metadata={"help": "gsm8k, strategyqa, commonsense_qa, aqua_rat, cot_json, jsonl or synthetic."},
+        metadata={
+            "help": "How rows are read and answers compared (docs/cot.md): gsm8k (numbers), strategyqa (yes/no), "
+            "commonsense_qa and aqua_rat (letters), cot_json and jsonl (--answer_kind), synthetic (generated offline).",
+            "choices": list(RECIPES),
+        },
     )
     train_source: Optional[str] = field(
         default=None,
@@ -101,7 +110,11 @@ class CoTDataArguments:
     eval_split: str = field(default="test", metadata={"help": "Split of Hub evaluation sources."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many training rows."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many rows per eval."})
-    max_length: int = field(default=512, metadata={"help": "Longest training sequence in tokens."})
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Longest training sequence in tokens (default: 512, or the model's max_position_embeddings "
+                  "if smaller; a larger value than that limit is an error)."},
+    )
     overlong: str = field(
         default="truncate",
         metadata={"help": "Over-long training examples: truncate the target, or drop them.", "choices": ["truncate", "drop"]},
@@ -120,9 +133,10 @@ class CoTDataArguments:
     question_field: str = field(default="question", metadata={"help": "jsonl: the question column."})
     rationale_field: Optional[str] = field(default="rationale", metadata={"help": "jsonl: the rationale column."})
     answer_field: str = field(default="answer", metadata={"help": "jsonl: the answer column."})
-    answer_kind: str = field(
-        default="text",
-        metadata={"help": "jsonl / cot_json: how answers compare.", "choices": ["number", "yesno", "letter", "text"]},
+    answer_kind: Optional[str] = field(
+        default=None,
+        metadata={"help": "jsonl / cot_json: how answers compare (default text). The other recipes fix the kind.",
+                  "choices": list(ANSWER_KINDS)},
     )
     synthetic_min_steps: int = field(default=2, metadata={"help": "synthetic: fewest steps of train/test problems."})
     synthetic_max_steps: int = field(default=3, metadata={"help": "synthetic: most steps of train/test problems."})
@@ -132,6 +146,20 @@ class CoTDataArguments:
     synthetic_num_train: int = field(default=1000, metadata={"help": "synthetic: training problems."})
     synthetic_num_eval: int = field(default=200, metadata={"help": "synthetic: problems per evaluation split."})
     synthetic_seed: int = field(default=0, metadata={"help": "synthetic: data seed."})
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
+        if self.answer_kind is not None and self.answer_kind not in ANSWER_KINDS:
+            raise ValueError(f"--answer_kind must be one of {ANSWER_KINDS}, got {self.answer_kind!r}.")
+        fixed = RECIPES[self.recipe].answer_kind
+        if self.recipe not in KIND_OPTION_RECIPES and self.answer_kind not in (None, fixed):
+            raise ValueError(
+                f"--answer_kind {self.answer_kind} does not apply to --recipe {self.recipe}, which compares {fixed} "
+                f"answers: drop --answer_kind, or use --recipe cot_json / jsonl for {self.answer_kind} answers."
+            )
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"--max_length must be >= 1, got {self.max_length}.")
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The chain-of-thought fine-tuning run behind `scripts/finetune_cot.py`.
 
-load the model (LoRA by default) -> a recipe's data, formatted with the prompt masked -> train
-with `Trainer` (method "none") or `NSOTrainer` ("nso": two-point noise, "rwp": one-point) ->
-greedy-generation accuracy on every evaluation source -> optionally the Hessian trace of the
-training loss -> `cot_results.json` beside the predictions (main process only).
+checks before any model loads (options, output folder, the model's position limit from its
+config, every data file read and non-empty, the checkpoint to resume from) -> seed -> load the
+model (LoRA by default) -> a recipe's data, formatted with the prompt masked -> train with
+`Trainer` (method "none") or `NSOTrainer` ("nso": two-point noise, "rwp": one-point), resuming if
+asked -> greedy-generation accuracy on every evaluation source -> optionally the Hessian trace of
+the training loss -> `cot_results.json` beside the predictions (main process only).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
+from nso_hf.cot.checks import InputError, check_output_dir, model_position_limit, resolve_max_length
+from nso_hf.cot.resume import resolve_resume_checkpoint
 
 
 def build_recipe(data_args: CoTDataArguments):
@@ -29,10 +33,10 @@ def build_recipe(data_args: CoTDataArguments):
     if name == "jsonl":
         return get_recipe(
             name, question_field=data_args.question_field, rationale_field=data_args.rationale_field,
-            answer_field=data_args.answer_field, answer_kind=data_args.answer_kind, **common,
+            answer_field=data_args.answer_field, answer_kind=data_args.answer_kind or "text", **common,
         )
     if name == "cot_json":
-        return get_recipe(name, answer_kind=data_args.answer_kind, **common)
+        return get_recipe(name, answer_kind=data_args.answer_kind or "text", **common)
     if name == "synthetic":
         return get_recipe(
             name, min_steps=data_args.synthetic_min_steps, max_steps=data_args.synthetic_max_steps,
@@ -44,13 +48,59 @@ def build_recipe(data_args: CoTDataArguments):
     return get_recipe(name, **common)
 
 
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def _name_parts(source: str) -> list[str]:
+    """Path components of a source, suffix dropped from the last: "data/a/test.jsonl" -> ["data", "a", "test"]."""
+    parts = [p for p in str(source).replace("\\", "/").split("/") if p not in ("", ".")]
+    if parts:
+        for suffix in (".jsonl", ".json", ".parquet"):
+            if parts[-1].endswith(suffix):
+                parts[-1] = parts[-1][: -len(suffix)]
+    return [_safe(p) for p in parts if _safe(p)] or ["eval"]
+
+
 def source_name(source: str) -> str:
     """A file-name-safe name for an evaluation source: "data/test.jsonl" -> "test", "openai/gsm8k" -> "gsm8k"."""
-    base = os.path.basename(str(source).rstrip("/"))
-    for suffix in (".jsonl", ".json", ".parquet"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in base) or "eval"
+    return _name_parts(source)[-1]
+
+
+def eval_source_names(sources: list[str]) -> list[str]:
+    """Distinct file-name-safe names for evaluation sources, short where they do not clash.
+
+    Each name is the base name ("test"); sources whose names clash take parent folders until they
+    differ ("a_test", "b_test"), then a counter. The names key `metrics_<name>.json`,
+    `predictions_<name>.jsonl` and `cot_results.json`, so two sources must never share one.
+
+    Raises:
+        ValueError: the same source is given twice.
+    """
+    seen = set()
+    for source in sources:
+        key = os.path.normpath(str(source))
+        if key in seen:
+            raise ValueError(f"--eval_sources names {source!r} twice: give each evaluation source once.")
+        seen.add(key)
+    parts = [_name_parts(s) for s in sources]
+    depth = [1] * len(sources)
+    names = ["_".join(p[-d:]) for p, d in zip(parts, depth)]
+    while True:
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+            names[i] = "_".join(parts[i][-depth[i]:])
+    result = []
+    for name in names:
+        unique, count = name, 1
+        while unique in result:
+            count += 1
+            unique = f"{name}_{count}"
+        result.append(unique)
+    return result
 
 
 def data_sources(data_args: CoTDataArguments) -> tuple[str, list[str]]:
@@ -60,6 +110,66 @@ def data_sources(data_args: CoTDataArguments) -> tuple[str, list[str]]:
     if data_args.train_source is None:
         raise ValueError(f"--train_source is required for recipe {data_args.recipe!r} (a Hub id or a local file).")
     return data_args.train_source, list(data_args.eval_sources or [])
+
+
+def position_limit(script_args: CoTScriptArguments) -> tuple[Optional[int], str]:
+    """(max_position_embeddings, model name) of the model to fine-tune, without loading or building it."""
+    if script_args.preset == "smollm2":
+        from nso_hf.cot.models import smollm2_location
+
+        folder, gguf_file = smollm2_location()
+        return model_position_limit(folder, gguf_file), os.path.join(folder, gguf_file)
+    if script_args.model_name_or_path is None:
+        from nso_hf.cot.tiny_base_model import TinyBaseSpec
+
+        return TinyBaseSpec().max_position_embeddings, "the tiny default base model"
+    return model_position_limit(script_args.model_name_or_path, script_args.gguf_file), script_args.model_name_or_path
+
+
+@dataclasses.dataclass
+class CheckedInputs:
+    """What `checked_inputs` verified and read: the run's data and settings, before any model exists."""
+
+    recipe: Any
+    resume: Optional[str]
+    max_length: int
+    train_source: str
+    train_data: Any
+    load_report: Any
+    eval_sets: dict[str, Any]
+    eval_origin: dict[str, str]
+
+
+def checked_inputs(
+    script_args: CoTScriptArguments, data_args: CoTDataArguments, training_args: Any
+) -> CheckedInputs:
+    """Check the output folder, the checkpoint to resume from and --max_length, and read every data source.
+
+    Runs on every rank before any model is loaded or built: a bad option or file costs seconds.
+
+    Raises:
+        InputError: one line naming the option or file and the fix (the scripts print it alone).
+    """
+    try:
+        check_output_dir(training_args.output_dir)
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
+        recipe = build_recipe(data_args)
+        train_source, eval_sources = data_sources(data_args)
+        train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
+        load_report = recipe.last_report
+        names = eval_source_names(eval_sources)
+        eval_sets = {
+            name: recipe.load(source, split=data_args.eval_split, max_samples=data_args.max_eval_samples)
+            for name, source in zip(names, eval_sources)
+        }
+        eval_origin = dict(zip(names, eval_sources))
+        for name, data in [(train_source, train_data), *((eval_origin[n], d) for n, d in eval_sets.items())]:
+            if len(data) == 0:  # local files already raise in Recipe.load; this covers generated splits
+                raise ValueError(f"{name}: no examples to use.")
+    except (ValueError, OSError) as error:  # OSError: a missing file or model folder
+        raise InputError(str(error)) from None  # the message says it all; the traceback would bury it
+    return CheckedInputs(recipe, resume, max_length, train_source, train_data, load_report, eval_sets, eval_origin)
 
 
 def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
@@ -106,10 +216,21 @@ def run_cot_finetune(
          "hessian_trace": {...} or None}.
     """
     from transformers import DataCollatorForSeq2Seq
+    from transformers.trainer_utils import enable_full_determinism, set_seed
 
     from data_recipes.formatting import format_for_training
     from nso_hf.cot.evaluation import evaluate_cot
     from nso_hf.cot.models import add_lora, load_causal_lm, resolve_model_source
+
+    # Everything that can be wrong with the options and the data fails here, on every rank, before
+    # minutes of model loading (or of pretraining the tiny default) and long before the first save.
+    inputs = checked_inputs(script_args, data_args, training_args)
+    recipe, resume, max_length = inputs.recipe, inputs.resume, inputs.max_length
+    train_source, train_data, load_report = inputs.train_source, inputs.train_data, inputs.load_report
+    eval_sets, eval_origin = inputs.eval_sets, inputs.eval_origin
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        # Pinning needs an accelerator: on CPU torch warns at every dataloader and pins nothing.
+        training_args.dataloader_pin_memory = False
 
     # The tiny default base model is built once, by the main process, then loaded by every process.
     with training_args.main_process_first(desc="base model"):
@@ -117,22 +238,29 @@ def run_cot_finetune(
             script_args.model_name_or_path, script_args.gguf_file, script_args.preset,
             script_args.base_model_cache_dir, script_args.tiny_pretrain_steps,
         )
+    # Seeded as Trainer seeds itself, but before the LoRA adapters are drawn: Trainer's own seeding
+    # comes after the model exists, so the adapters (and the whole run) would follow whatever the
+    # global RNG held, e.g. differ between a first demo run that pretrained the base model and a
+    # cached one.
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
     model, tokenizer = load_causal_lm(path, gguf_file)
     if not script_args.full_finetune:
         model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    recipe = build_recipe(data_args)
-    train_source, eval_sources = data_sources(data_args)
-    train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
-    load_report = recipe.last_report
     features, format_report = format_for_training(
-        train_data, tokenizer, data_args.template, data_args.max_length, data_args.overlong
+        train_data, tokenizer, data_args.template, max_length, data_args.overlong
     )
     print(f"[cot] {train_source}: {load_report.kept} rows loaded, {load_report.dropped} bad rows dropped; "
           f"{format_report.summary()}", flush=True)
-    eval_sets = {source_name(s): recipe.load(s, split=data_args.eval_split, max_samples=data_args.max_eval_samples)
-                 for s in eval_sources}
+    if len(features) == 0:  # the data had rows (checked above): the length limit removed them all
+        raise InputError(
+            f"{train_source}: all {format_report.dropped} examples are longer than --max_length {max_length} "
+            "tokens: raise --max_length or pass --overlong truncate."
+        )
 
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     nso_config = config_for_method(script_args.method, nso_config)
@@ -140,15 +268,23 @@ def run_cot_finetune(
         nso_config, model=model, args=training_args, train_dataset=features,
         data_collator=collator, processing_class=tokenizer,
     )
+    if resume is not None:
+        print(f"[cot] resuming from {resume}", flush=True)
     start = time.perf_counter()
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
-    steps = max(1, train_output.global_step)
+    resumed_at = 0
+    if resume is not None:
+        with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as handle:
+            resumed_at = json.load(handle).get("global_step", 0)
+    steps = max(1, train_output.global_step - resumed_at)  # the steps this process ran
     train_metrics = {
         "global_step": train_output.global_step,
         "train_loss": train_output.training_loss,
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / steps,
+        "resumed_from": resume,
+        "resumed_at_step": resumed_at,
     }
     if script_args.save_final_model:
         trainer.save_model(training_args.output_dir)
@@ -157,7 +293,7 @@ def run_cot_finetune(
     evaluations = {
         name: evaluate_cot(
             model, tokenizer, data, recipe, format_report.template, name, training_args.output_dir,
-            script_args.max_new_tokens, script_args.generation_batch_size,
+            script_args.max_new_tokens, script_args.generation_batch_size, progress=not training_args.disable_tqdm,
         )
         for name, data in eval_sets.items()
     }
@@ -176,7 +312,8 @@ def run_cot_finetune(
         "trainable_parameters": trainable,
         "nso_config": None if nso_config is None else dataclasses.asdict(nso_config),
         "data": {"recipe": data_args.recipe, "train_source": train_source, "rows_kept": load_report.kept,
-                 "rows_dropped": load_report.dropped, **dataclasses.asdict(format_report)},
+                 "rows_dropped": load_report.dropped, "max_length": max_length,
+                 "eval_sources": eval_origin, **dataclasses.asdict(format_report)},
         "train": train_metrics,
         "eval": evaluations,
         "hessian_trace": trace,
@@ -187,5 +324,6 @@ def run_cot_finetune(
             json.dump(results, handle, indent=2)
     for name, metrics in evaluations.items():
         print(f"[cot] {script_args.method} {name}: exact match {metrics['exact_match']:.3f} "
-              f"({metrics['num_correct']}/{metrics['num_examples']})", flush=True)
+              f"({metrics['num_correct']}/{metrics['num_examples']}; flexible {metrics['exact_match_flexible']:.3f}, "
+              f"{metrics['num_truncated']} cut off at --max_new_tokens)", flush=True)
     return results

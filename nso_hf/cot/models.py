@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from typing import Any, Optional
 
 
@@ -110,4 +111,8 @@ def add_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: Opt
         lora_dropout=dropout,
         target_modules=target_modules if target_modules else "all-linear",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+        # FutureWarning on every run; nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
