@@ -555,3 +555,30 @@ def test_report_enters_one_measurement(monkeypatch):
     flatness_report(model, batches, dataclasses.replace(settings, hvp="exact"), init=init)
     assert counts == {"select": 1, "move": 2, "eager": 1}
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_zero3_parameters_are_refused():
+    model = DropoutMLP()
+    model.net[0].weight.ds_tensor = torch.zeros(3)  # what DeepSpeed ZeRO-3 attaches to its partitioned parameters
+    batches = [{"x": torch.randn(4, 5), "labels": torch.randint(0, 2, (4,))}]
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-3 parameters cannot be measured"):
+        hessian_trace(model, batches, num_probes=1)
+
+
+def test_0_1_import_paths_point_to_the_subpackage():
+    import nso_hf.flatness as flatness
+    from nso_hf import callbacks, flatness_report, hvp, landscape, measurement
+    from nso_hf.flatness import callback, context, mode, report
+    from nso_hf.flatness import hvp as products
+    from nso_hf.flatness import landscape as landscapes
+
+    assert callbacks.FlatnessCallback is callback.FlatnessCallback is flatness.FlatnessCallback
+    assert landscape.loss_curve is landscapes.loss_curve and landscape.loss_at_offsets is landscapes.loss_at_offsets
+    assert hvp.HessianOperator is products.HessianOperator and hvp.mean_loss is context.mean_loss
+    assert hvp.prepare_measurement is context.prepare_measurement
+    assert measurement.measurement_mode is mode.measurement_mode
+    assert flatness_report.flatness_report is report.flatness_report and flatness_report.REPORT_KEYS is report.REPORT_KEYS
+    missing = [name for name in flatness.__all__ if not hasattr(flatness, name)]
+    assert not missing
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        flatness.no_such_name  # noqa: B018

@@ -280,7 +280,22 @@ class Measurement:
 
     def loss(self) -> float:
         """L at the weights the parameters hold now (no gradients), averaged across processes."""
-        return mean_loss(self.model, self.batches, self.loss_fn)
+        try:
+            return mean_loss(self.model, self.batches, self.loss_fn)
+        finally:
+            self._reshard()
+
+    def _reshard(self) -> None:
+        # FSDP2 keeps the root module's parameters gathered after a forward without backward (it expects
+        # the backward to need them); the next forward would then reuse that gathered copy and miss a move
+        # of the shards. Resharding drops it, so every forward gathers the weights the shards hold now.
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def gradients(self, out: list[torch.Tensor] | None = None, alpha: float = 1.0) -> list[torch.Tensor]:
         """alpha * dL/dW at the weights held now, added into `out` (or into new tensors), shaped like local shards.
@@ -334,6 +349,7 @@ class Measurement:
         finally:
             for p, g in zip(every, saved):
                 p.grad = g
+            self._reshard()
 
     # --- vectors over the measured parameters --------------------------------------------------------
 
