@@ -124,6 +124,9 @@ class FiniteDifferenceHessian:
         self.weight_norm = measurement.norm(measurement.weights())
         self.dtype = measurement.params[0].dtype
         self.vector_dtype = work_dtype(self.dtype)
+        # Rademacher probes (+-1) are exact in int8: a quarter of a float32 vector's memory, which
+        # matters because a probe is held through both passes (move_to widens one tensor at a time).
+        self.probe_dtype = torch.int8
         self.num_products = 0
 
     def step(self, vectors: Sequence[torch.Tensor]) -> float:
@@ -216,6 +219,7 @@ class HessianOperator:
         self._cached: list[list[torch.Tensor]] | None = None
         self.num_products = 0
         self.vector_dtype: torch.dtype | None = None  # vectors in the parameters' dtype (the graph's)
+        self.probe_dtype: torch.dtype | None = None
 
     def _gradients(self, batch: Any) -> list[torch.Tensor]:
         loss = batch_loss(self.model, batch, self.loss_fn) / len(self.batches)

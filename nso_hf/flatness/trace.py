@@ -71,7 +71,7 @@ def estimate_trace(
     gens: dict = {}
     try:
         for _ in range(num_probes):
-            z = m.random_vector(gens, seed, "rademacher", op.vector_dtype)
+            z = m.random_vector(gens, seed, "rademacher", op.probe_dtype)
             samples.append(m.dot(z, op.matvec(z)))
             if tolerance is not None and len(samples) >= max(min_probes, 2):
                 mean, err = mean_stderr(samples)
