@@ -15,10 +15,15 @@ size, also reported above the process's size once the model and batch are built;
 (medians over repeats), so each time ratio compares two operations of one process under the same
 machine load. All in eval mode, inside one `nso_hf.flatness.Measurement`.
 
+`--operation accuracy` measures instead the relative error ||Hv - H_ref v|| / ||H_ref v|| of one
+product per probe, H_ref v the exact product on a float64 copy of the same model: the
+finite-difference and the exact product with float32 and with bfloat16 weights.
+
 Launch:
     python scripts/benchmark_flatness.py                      # all operations, one process each
     python scripts/benchmark_flatness.py --num_threads 1 --seq_len 128
     python scripts/benchmark_flatness.py --operation probe_finite_difference   # one, in this process
+    python scripts/benchmark_flatness.py --operation accuracy --vocab 512 --num_probes 4
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ class BenchmarkFlatnessArguments:
     operation: str = field(
         default="all",
         metadata={"help": "all: every operation, each in its own process; or one of them, here.",
-                  "choices": ["all", *OPERATIONS]},
+                  "choices": ["all", "accuracy", *OPERATIONS]},
     )
+    num_probes: int = field(default=3, metadata={"help": "Probes of --operation accuracy."})
     json_out: str = field(default="", metadata={"help": "Write this process's result to this JSON file."})
 
 
@@ -150,6 +156,40 @@ def measure_one(args: BenchmarkFlatnessArguments) -> dict[str, float | str]:
     }
 
 
+def accuracy(args: BenchmarkFlatnessArguments) -> dict[str, list[float]]:
+    """Relative error of each product against the exact product of a float64 copy, per probe."""
+    import copy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, batch = build(args, device)
+    reference = copy.deepcopy(model).double()
+    with Measurement(reference, [batch]) as m:
+        gens: dict = {}
+        probes = [m.random_vector(gens, args.bench_seed, "rademacher", torch.float64) for _ in range(args.num_probes)]
+        exact = hessian_operator(m, "exact")
+        targets = [exact.matvec(z) for z in probes]
+    errors: dict[str, list[float]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = copy.deepcopy(model).to(dtype)
+        for hvp in ("finite_difference", "exact"):
+            with Measurement(weights, [batch]) as m:
+                op = hessian_operator(m, hvp)
+                key = f"{hvp} {str(dtype).removeprefix('torch.')}"
+                errors[key] = []
+                for z, target in zip(probes, targets):
+                    hv = op.matvec([t.to(op.vector_dtype or dtype) for t in z])
+                    diff = m.norm([h.double() - t for h, t in zip(hv, target)])
+                    errors[key].append(diff / m.norm(target))
+    print(
+        f"Llama: vocab {args.vocab}, hidden {args.hidden_size}, {args.num_layers} layers, batch "
+        f"{args.bench_batch_size} x {args.seq_len}; relative error of Hv per Rademacher probe against the exact "
+        "product in float64:"
+    )
+    for key, values in errors.items():
+        print(f"{key:28s} " + "  ".join(f"{v:.1e}" for v in values))
+    return errors
+
+
 def run_all(args: BenchmarkFlatnessArguments) -> list[dict]:
     """Every operation in its own Python process (a peak memory is a process's high-water mark)."""
     results = []
@@ -158,7 +198,7 @@ def run_all(args: BenchmarkFlatnessArguments) -> list[dict]:
             out = os.path.join(tmp, "result.json")
             argv = [sys.executable, os.path.abspath(__file__), "--operation", operation, "--json_out", out]
             for f in fields(BenchmarkFlatnessArguments):
-                if f.name not in ("operation", "json_out"):
+                if f.name not in ("operation", "json_out", "num_probes"):
                     argv += [f"--{f.name}", str(getattr(args, f.name))]
             subprocess.run(argv, check=True)
             with open(out) as handle:
@@ -193,6 +233,8 @@ def report(results: list[dict], args: BenchmarkFlatnessArguments) -> None:
 def main(args: BenchmarkFlatnessArguments) -> list[dict] | dict:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if args.operation == "accuracy":
+        return accuracy(args)
     if args.operation != "all":
         result = measure_one(args)
         if args.json_out:

@@ -168,6 +168,11 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 when it is a 16-bit float (int8 probes and wider floats are kept as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class Measurement:
     """A model, its measured parameters and its batches, ready for every estimator; a context manager.
 
@@ -314,25 +319,35 @@ class Measurement:
             `out`, or new tensors; averaged across processes (FSDP reduces its own).
         """
         self._require_entered()
-        if out is None:
-            out = [torch.zeros_like(local_tensor(p), dtype=work_dtype(p.dtype)) for p in self.params]
         scale = 1.0 / len(self.batches)
         if self.sharded:
+            if out is None:
+                out = [torch.zeros_like(local_tensor(p), dtype=work_dtype(p.dtype)) for p in self.params]
             self._sharded_gradients(out, alpha * scale)
             return out
-        reduce_here = distributed_world_size() > 1
-        partial = [torch.zeros_like(o) for o in out] if reduce_here else out
-        a = 1.0 if reduce_here else alpha
+        total: list[torch.Tensor] | None = None
         for batch in self.batches:
             loss = batch_loss(self.model, batch, self.loss_fn) * scale
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            for acc, g in zip(partial, grads):
-                if g is not None:  # a parameter the loss does not reach has a zero gradient
-                    acc.add_(g.detach(), alpha=a)
-        if reduce_here:
-            all_reduce_mean(partial)
-            for acc, g in zip(out, partial):
-                acc.add_(g, alpha=alpha)
+            if total is None:
+                # The first batch's gradients are the accumulator (no copy in float32): the memory of a
+                # forward+backward, no more. A parameter the loss does not reach has a zero gradient.
+                total = [
+                    torch.zeros_like(p, dtype=work_dtype(p.dtype)) if g is None else g.detach().to(work_dtype(p.dtype))
+                    for g, p in zip(grads, self.params)
+                ]
+                continue
+            for acc, g in zip(total, grads):
+                if g is not None:
+                    acc.add_(g.detach())
+        all_reduce_mean(total)
+        if out is None:
+            if alpha != 1.0:
+                for t in total:
+                    t.mul_(alpha)
+            return total
+        for acc, t in zip(out, total):
+            acc.add_(t, alpha=alpha)
         return out
 
     def _sharded_gradients(self, out: list[torch.Tensor], alpha: float) -> None:
@@ -357,7 +372,8 @@ class Measurement:
         """a . b in float64 (a sum over millions of terms loses digits in float32), summed over shards."""
         local = torch.zeros((), dtype=torch.float64, device=a[0].device if a else None)
         for x, y in zip(a, b):
-            local += (x.double() * y.double()).sum().to(local.device)
+            # Products in float32 or wider (one temporary the size of one tensor), summed in float64.
+            local += torch.sum(_at_least_float32(x) * _at_least_float32(y), dtype=torch.float64).to(local.device)
         if self.sharded and distributed_world_size() > 1:
             torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)
         return float(local)
