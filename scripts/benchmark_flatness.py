@@ -11,9 +11,10 @@ expensive, and a small width so that it runs on a CPU). Operations, one process 
 - `probe_exact_reused`: the same with the gradient graph kept between probes (one batch only).
 Each process first runs its operation alone and records its peak memory (CPU: the peak resident set
 size, also reported above the process's size once the model and batch are built; CUDA:
-`max_memory_allocated`), then times it interleaved with a plain forward+backward in the same state
-(medians over repeats), so each time ratio compares two operations of one process under the same
-machine load. All in eval mode, inside one `nso_hf.flatness.Measurement`.
+`max_memory_allocated`), then times it interleaved with a plain forward+backward in the same state;
+the time ratio is the median over repeats of the ratio of the two neighbouring timings, so it
+compares two operations of one process under the same machine load. All in eval mode, inside one
+`nso_hf.flatness.Measurement`.
 
 `--operation accuracy` measures instead the relative error ||Hv - H_ref v|| / ||H_ref v|| of one
 product per probe, H_ref v the exact product on a float64 copy of the same model: the
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
@@ -69,11 +70,11 @@ class BenchmarkFlatnessArguments:
     json_out: str = field(default="", metadata={"help": "Write this process's result to this JSON file."})
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed in turn within every repeat.
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function in every repeat, the functions timed in turn within a repeat.
 
-    Interleaving makes a change of machine load (other processes on a shared CPU) hit every
-    operation alike, so the ratios stay meaningful even when the absolute times drift.
+    Interleaving makes a change of machine load (other processes on a shared CPU) hit neighbouring
+    timings alike: the ratio of the two timings of one repeat is what the report takes the median of.
     """
 
     def timed(fn: Callable[[], object]) -> float:
@@ -89,7 +90,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def current_rss_mb() -> float:
@@ -144,7 +145,7 @@ def measure_one(args: BenchmarkFlatnessArguments) -> dict[str, float | str]:
         for _ in range(args.warmup + 2):
             run()
         peak = (torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else peak_rss_mb()
-        medians = interleaved_medians({"operation": run, "forward_backward": forward_backward}, args.repeats)
+        times = interleaved_times({"operation": run, "forward_backward": forward_backward}, args.repeats)
         attention = model.config._attn_implementation  # the kernel both timed operations ran with
         if args.operation != "forward_backward":
             op.release()
@@ -152,7 +153,11 @@ def measure_one(args: BenchmarkFlatnessArguments) -> dict[str, float | str]:
         "operation": args.operation, "device": device, "threads": torch.get_num_threads(),
         "parameters": m.num_parameters, "attention": attention,
         "memory": "max_memory_allocated" if device == "cuda" else "peak RSS",
-        "base_mb": base, "peak_mb": peak, "time_s": medians["operation"], "forward_backward_s": medians["forward_backward"],
+        "base_mb": base, "peak_mb": peak,
+        "time_s": statistics.median(times["operation"]),
+        "forward_backward_s": statistics.median(times["forward_backward"]),
+        # Median over repeats of (operation / forward+backward) within the repeat: robust to load drift.
+        "ratio": statistics.median(t / f for t, f in zip(times["operation"], times["forward_backward"])),
     }
 
 
@@ -221,12 +226,14 @@ def report(results: list[dict], args: BenchmarkFlatnessArguments) -> None:
     for r in results:
         above, ref_above = r["peak_mb"] - r["base_mb"], ref["peak_mb"] - ref["base_mb"]
         print(
-            f"{r['operation']:26s} {r['attention']:9s} {r['time_s'] * 1e3:7.1f}ms {r['time_s'] / r['forward_backward_s']:9.2f}x   "
+            f"{r['operation']:26s} {r['attention']:9s} {r['time_s'] * 1e3:7.1f}ms "
+            f"{r['ratio']:9.2f}x   "
             f"{r['peak_mb']:16.0f} {r['peak_mb'] / ref['peak_mb']:5.2f}x   {above:13.0f} {above / ref_above:5.2f}x"
         )
     print(
-        "time ratio: against a forward+backward timed in the same process, interleaved; memory ratios: against "
-        "the forward_backward process (peak, and peak above the size once the model and batch are built)."
+        "time: median; x fwd+bwd: median over repeats of the ratio to a forward+backward timed right after it in the "
+        "same process (the forward_backward row compares two of them: the noise level); memory ratios: against the "
+        "forward_backward process (peak, and peak above the size once the model and batch are built)."
     )
 
 

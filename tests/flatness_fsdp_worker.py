@@ -27,7 +27,9 @@ def model_and_batches() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]
     """The model and the two batches, the same in every process (and in the single-process reference)."""
     model = tiny_llama(seed=0, dropout=0.0)
     model.set_attn_implementation("sdpa")
-    batches = [{k: torch.stack([e[k] for e in lm_examples(4, seed=s)]) for k in ("input_ids", "labels")} for s in (0, 1)]
+    batches = [
+        {k: torch.stack([e[k] for e in lm_examples(4, seed=s)]) for k in ("input_ids", "labels")} for s in (0, 1)
+    ]
     return model, batches
 
 

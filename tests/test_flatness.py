@@ -534,7 +534,9 @@ def test_report_enters_one_measurement(monkeypatch):
 
     model = tiny_llama(seed=0, dropout=0.0)
     model.set_attn_implementation("sdpa")
-    batches = [{k: torch.stack([e[k] for e in lm_examples(2, seed=s)]) for k in ("input_ids", "labels")} for s in (0, 1)]
+    batches = [
+        {k: torch.stack([e[k] for e in lm_examples(2, seed=s)]) for k in ("input_ids", "labels")} for s in (0, 1)
+    ]
     init = snapshot_parameters(model)
     counts = {"select": 0, "move": 0, "eager": 0}
 
@@ -577,7 +579,8 @@ def test_0_1_import_paths_point_to_the_subpackage():
     assert hvp.HessianOperator is products.HessianOperator and hvp.mean_loss is context.mean_loss
     assert hvp.prepare_measurement is context.prepare_measurement
     assert measurement.measurement_mode is mode.measurement_mode
-    assert flatness_report.flatness_report is report.flatness_report and flatness_report.REPORT_KEYS is report.REPORT_KEYS
+    assert flatness_report.flatness_report is report.flatness_report
+    assert flatness_report.REPORT_KEYS is report.REPORT_KEYS
     missing = [name for name in flatness.__all__ if not hasattr(flatness, name)]
     assert not missing
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):

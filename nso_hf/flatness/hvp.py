@@ -59,11 +59,11 @@ def finite_difference_step(
     - rounding of the two gradients (each computed in the weights' dtype, their difference formed
       in float32), about u |g| / (eps ||Hv||): of order sqrt(u) times |g| ||v|| / (||W|| ||Hv||),
       small near a minimum where g is small.
-    Measured in float32 against the exact product (tests/test_flatness.py): a relative error below
+    Tested in float32 against the exact product (tests/test_flatness.py): a relative error below
     1e-3 per product on an MLP near a minimum and on a tiny Llama (SDPA attention). In bfloat16
-    (u = 2^-8) no step is accurate: the gradients themselves carry bf16 rounding, so the errors
-    measured were 17-57% against 1% for the exact product; `hvp="auto"` therefore takes the exact
-    product for 16-bit weights.
+    (u = 2^-8) it is not accurate: the gradients themselves carry bf16 rounding, whatever the
+    precision of their difference (`scripts/benchmark_flatness.py --operation accuracy` prints the
+    errors); `hvp="auto"` therefore takes the exact product for 16-bit weights.
 
     Args:
         weight_norm: ||W|| over the measured parameters.
@@ -114,7 +114,7 @@ class FiniteDifferenceHessian:
 
     Args:
         measurement: an entered `Measurement`.
-        relative_step: s of `finite_difference_step` (default u^(1/3) of the weights' dtype).
+        relative_step: s of `finite_difference_step` (default sqrt(u) of the weights' dtype).
     """
 
     def __init__(self, measurement: Measurement, relative_step: float | None = None) -> None:
@@ -122,7 +122,8 @@ class FiniteDifferenceHessian:
         self.relative_step = relative_step
         # The step is fixed by ||W|| once: a product's error does not drift with v's norm.
         self.weight_norm = measurement.norm(measurement.weights())
-        self.dtype = measurement.params[0].dtype
+        # The least precise dtype among the weights sets the step (mixed precision: the coarsest rounding).
+        self.dtype = max((p.dtype for p in measurement.params), key=lambda d: torch.finfo(d).eps)
         self.vector_dtype = work_dtype(self.dtype)
         # Rademacher probes (+-1) are exact in int8: a quarter of a float32 vector's memory, which
         # matters because a probe is held through both passes (move_to widens one tensor at a time).

@@ -152,7 +152,9 @@ def loss_at_offsets(
     return losses
 
 
-def evaluate_loss_curve(m: Measurement, alphas: Sequence[float], *, seed: int = 0, include_1d: bool = False) -> LossCurve:
+def evaluate_loss_curve(
+    m: Measurement, alphas: Sequence[float], *, seed: int = 0, include_1d: bool = False
+) -> LossCurve:
     """L(W + alpha * d) for each alpha, d a filter-normalised direction, on an entered `Measurement`."""
     d = measurement_directions(m, seed, include_1d)
     losses = losses_at_offsets(m, [d], [[a] for a in alphas])
