@@ -67,6 +67,9 @@ class BenchmarkFlatnessArguments:
                   "choices": ["all", "accuracy", *OPERATIONS]},
     )
     num_probes: int = field(default=3, metadata={"help": "Probes of --operation accuracy."})
+    relative_step: float = field(
+        default=0.0, metadata={"help": "--operation accuracy: s of the finite-difference step (0: sqrt(machine eps))."}
+    )
     json_out: str = field(default="", metadata={"help": "Write this process's result to this JSON file."})
 
 
@@ -178,7 +181,7 @@ def accuracy(args: BenchmarkFlatnessArguments) -> dict[str, list[float]]:
         weights = copy.deepcopy(model).to(dtype)
         for hvp in ("finite_difference", "exact"):
             with Measurement(weights, [batch]) as m:
-                op = hessian_operator(m, hvp)
+                op = hessian_operator(m, hvp, relative_step=args.relative_step or None)
                 key = f"{hvp} {str(dtype).removeprefix('torch.')}"
                 errors[key] = []
                 for z, target in zip(probes, targets):
@@ -188,7 +191,7 @@ def accuracy(args: BenchmarkFlatnessArguments) -> dict[str, list[float]]:
     print(
         f"Llama: vocab {args.vocab}, hidden {args.hidden_size}, {args.num_layers} layers, batch "
         f"{args.bench_batch_size} x {args.seq_len}; relative error of Hv per Rademacher probe against the exact "
-        "product in float64:"
+        f"product in float64 (finite-difference step s = {args.relative_step or 'sqrt(machine eps)'}):"
     )
     for key, values in errors.items():
         print(f"{key:28s} " + "  ".join(f"{v:.1e}" for v in values))
@@ -203,7 +206,7 @@ def run_all(args: BenchmarkFlatnessArguments) -> list[dict]:
             out = os.path.join(tmp, "result.json")
             argv = [sys.executable, os.path.abspath(__file__), "--operation", operation, "--json_out", out]
             for f in fields(BenchmarkFlatnessArguments):
-                if f.name not in ("operation", "json_out", "num_probes"):
+                if f.name not in ("operation", "json_out", "num_probes", "relative_step"):
                     argv += [f"--{f.name}", str(getattr(args, f.name))]
             subprocess.run(argv, check=True)
             with open(out) as handle:

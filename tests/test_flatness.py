@@ -142,6 +142,19 @@ def test_finite_difference_product_matches_dense(trained_mlp, kind):
         assert op.num_products == 4
 
 
+def test_cube_root_step_is_too_coarse_near_a_minimum(trained_mlp):
+    """Why the step is sqrt(u), not the central difference's textbook u^(1/3): near a minimum the
+    truncation error dominates, and at u^(1/3) the product misses the 1e-3 the default meets."""
+    mlp, batches, hessian = trained_mlp
+    cube_root = torch.finfo(torch.float32).eps ** (1 / 3)
+    with Measurement(mlp, batches, loss_fn=cross_entropy_loss) as m:
+        gens: dict = {}
+        v = m.random_vector(gens, 0, "rademacher", torch.float32)
+        default = relative_error(flat(FiniteDifferenceHessian(m).matvec(v)), hessian @ flat(v))
+        coarse = relative_error(flat(FiniteDifferenceHessian(m, cube_root).matvec(v)), hessian @ flat(v))
+    assert default <= 1e-3 < coarse
+
+
 def test_finite_difference_product_is_exact_on_quadratic(quadratic):
     model, batches, a = quadratic  # float64; L is quadratic: the central difference has no truncation error
     with Measurement(model, batches) as m:

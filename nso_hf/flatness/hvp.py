@@ -52,8 +52,13 @@ def finite_difference_step(
     eps = s * max(||W||, 1) / ||v||: the two points are W +- a displacement of norm s * ||W||
     (of norm s for weights of norm below 1, e.g. LoRA adapters near initialisation), whatever the
     scale of v. s = sqrt(u), u the machine epsilon of the weights' dtype (float32: s = 3.5e-4,
-    float64: 1.5e-8), the textbook step for differences of gradients (Nocedal & Wright,
-    Numerical Optimization, section 8.1). Two errors remain, relative to ||Hv||:
+    float64: 1.5e-8), the usual step for a difference of gradients. The central difference's
+    textbook optimum u^(1/3) (float32: 4.9e-3) balances the two errors below when the third
+    derivative and the gradient have the same scale; near a minimum the gradient is small and the
+    truncation error dominates there (tests/test_flatness.py: above 1e-3 on an MLP, where sqrt(u)
+    stays below), while far from one (a randomly initialised Llama) rounding dominates and u^(1/3)
+    is the more accurate (docs/flatness.md, Benchmark). sqrt(u) kept every measured case below 1e-3.
+    Two errors remain, relative to ||Hv||:
     - truncation, (eps ||v||)^2 / 6 times the third derivative of L along v over ||Hv||: of order
       s^2 = u for a loss whose curvature changes on the scale of ||W||;
     - rounding of the two gradients (each computed in the weights' dtype, their difference formed
