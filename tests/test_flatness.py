@@ -356,6 +356,15 @@ def test_bad_arguments_raise(kwargs, message):
         hessian_trace(model, batches, **{"num_probes": 2, **kwargs})
 
 
+def test_report_and_callback_reject_unknown_product():
+    from nso_hf.flatness import FlatnessCallback
+
+    with pytest.raises(ValueError, match=r"ReportSettings.hvp='hessian' is not one of"):
+        ReportSettings(hvp="hessian")
+    with pytest.raises(ValueError, match=r"hvp='hessian' is not one of"):
+        FlatnessCallback([{"x": torch.zeros(1)}], hvp="hessian")
+
+
 def test_batch_without_loss_needs_loss_fn():
     model = nn.Linear(3, 1)
     with pytest.raises(ValueError, match=r"needs a loss_fn\(model, batch\)"):
