@@ -1,10 +1,14 @@
-"""Noise on the perturbed parameters, and their exact restore.
+"""Noise on the perturbed parameters, offsets along given directions, and their exact restore.
 
 The invariant of this file: after `Perturbation.restore()` every parameter holds the bits it held
 when the `Perturbation` was created, in every dtype. Restore is a copy from a saved backup, never a
 subtraction (in bf16, W + U - U != W). The backup is the only parameter-sized copy held: the noise
 is drawn straight into the parameters, and W - U is the reflection 2W - (W + U) of the point just
 visited, which costs one pass over memory instead of a second draw.
+
+Every move of the weights goes through `Perturbation`: NSO's training noise (`apply`), and the
+deterministic offsets W + sum_k c_k D_k of the flatness measures (`move_to`: a landscape point, the
+two points of a finite-difference Hessian-vector product, noise stability's draws through `apply`).
 """
 
 from __future__ import annotations
@@ -196,11 +200,16 @@ class Perturbation:
     """Moves a fixed set of parameters to W + s * U and back to W, exactly.
 
     Create it right before the passes of a micro-batch (it snapshots W), call `apply(sign, seeds)`
-    before each perturbed pass and `restore()` after the last one (in a `finally`).
+    before each perturbed pass and `restore()` after the last one (in a `finally`). `move_to`
+    moves to W + sum_k c_k D_k along given directions instead of random noise.
+
+    Every write goes to `local_tensor(param)`: this rank's shard under FSDP2 (DTensor) or ZeRO-3
+    (`ds_tensor`), the whole tensor otherwise; directions given to `move_to` are shaped like it.
 
     Cost: one backup copy of the perturbed parameters (in their own dtype); per draw, one Gaussian
-    sample per weight and two passes over memory (W + U, then 2W - (W + U)). With relative noise,
-    the row RMS of each tensor is computed once, at creation (one scalar per row).
+    sample per weight and two passes over memory (W + U, then 2W - (W + U)); per `move_to`, one
+    pass over memory per direction. With relative noise, the row RMS of each tensor is computed
+    once, at creation (one scalar per row).
     """
 
     def __init__(
@@ -225,8 +234,9 @@ class Perturbation:
             self.backup = [local_tensor(p).clone() for p in self.params]
             self.scales = [relative_scale(p) for p in self.params] if relative else None
         self._generators: dict[torch.device, torch.Generator] = {}
-        # (sign, seeds) of the point the parameters hold; None: they hold W; "moving": an apply was cut short.
-        self._at: tuple[int, tuple[int, ...]] | str | None = None
+        # (sign, seeds, sigma) of the noise the parameters hold; None: they hold W; "moving": an apply
+        # or move_to was cut short; "offset": a move_to point.
+        self._at: tuple[int, tuple[int, ...], float] | str | None = None
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         gen = self._generators.get(device)
@@ -235,19 +245,25 @@ class Perturbation:
         return gen.manual_seed(seed)
 
     @torch.no_grad()
-    def apply(self, sign: int, seeds: Sequence[int]) -> None:
+    def apply(self, sign: int, seeds: Sequence[int], sigma: float | None = None) -> None:
         """Set every parameter to W + sign * U, the noise of tensor i drawn from `seeds[i]`.
 
         U ~ N(0, sigma^2), times the row RMS of W when relative. It is drawn in the parameter's
         own dtype, in place: no temporary the size of a parameter.
+
+        Args:
+            sign: +1 for W + U, -1 for W - U (a reflection when W + U with the same seeds is held).
+            seeds: one seed per parameter.
+            sigma: this draw's standard deviation; default: the one given at creation.
         """
         seeds = tuple(seeds)
-        reflect_only = sign < 0 and self._at == (1, seeds)
+        sigma = self.sigma if sigma is None else float(sigma)
+        reflect_only = sign < 0 and self._at == (1, seeds, sigma)
         self._at = "moving"  # if a draw raises half-way, restore() still copies W back
         if not reflect_only:  # W - U right after W + U needs no new draw
             scales = self.scales or [None] * len(self.params)
             for target, saved, seed, scale in zip(map(local_tensor, self.params), self.backup, seeds, scales, strict=True):
-                target.normal_(0.0, self.sigma, generator=self._generator(target.device, seed))
+                target.normal_(0.0, sigma, generator=self._generator(target.device, seed))
                 if scale is not None:
                     target.mul_(scale.to(target.dtype))
                 target.add_(saved)
@@ -255,7 +271,45 @@ class Perturbation:
             # Reflect W + U through W: 2W - (W + U), exactly antithetic up to one rounding.
             for target, saved in zip(map(local_tensor, self.params), self.backup):
                 target.neg_().add_(saved, alpha=2)
-        self._at = (sign, seeds)
+        self._at = (sign, seeds, sigma)
+        if self.after_move is not None:
+            self.after_move()
+
+    @torch.no_grad()
+    def move_to(self, coefficients: Sequence[float], directions: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Set every parameter to W + sum_k coefficients[k] * directions[k][i], from the backup.
+
+        The point is computed from W, not from the point held before, so consecutive points carry no
+        accumulated rounding, and each parameter is rounded once into its dtype: the sum is formed in
+        float32 (float64 for float64 weights) when the parameter is in a lower precision, which costs a
+        temporary the size of one tensor at a time. The uses: a landscape point W + a d1 + b d2, the
+        two points W +- eps v of a finite-difference Hessian-vector product, SAM's ascent W + rho g/||g||.
+
+        Args:
+            coefficients: c_k, one per direction.
+            directions: D_k, each one tensor per parameter, shaped like `local_tensor(param)` (this
+                rank's shard when sharded); any floating dtype, any device (moved per tensor).
+
+        Raises:
+            ValueError: the numbers of coefficients and directions differ, or a direction has the
+                wrong number of tensors.
+        """
+        coefficients = [float(c) for c in coefficients]
+        if len(coefficients) != len(directions):
+            raise ValueError(f"move_to: {len(coefficients)} coefficients for {len(directions)} directions.")
+        for d in directions:
+            if len(d) != len(self.params):
+                raise ValueError(f"move_to: a direction has {len(d)} tensors for {len(self.params)} parameters.")
+        self._at = "moving"  # if a move raises half-way, restore() still copies W back
+        for i, (target, saved) in enumerate(zip(map(local_tensor, self.params), self.backup)):
+            wide = target.dtype in (torch.float32, torch.float64)
+            point = target.copy_(saved) if wide else saved.float()
+            for c, d in zip(coefficients, directions):
+                if c != 0.0:
+                    point.add_(d[i].to(device=point.device, dtype=point.dtype), alpha=c)
+            if not wide:
+                target.copy_(point)  # the one rounding into the parameter's dtype
+        self._at = "offset"
         if self.after_move is not None:
             self.after_move()
 

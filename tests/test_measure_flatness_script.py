@@ -1,19 +1,21 @@
-"""scripts/measure_flatness.py on tiny checkpoints saved by the test: a full model pair and an adapter."""
+"""scripts/measure_flatness.py (`nso_hf.flatness.compare`) on tiny checkpoints saved by the test."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
+import runpy
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 from nso_hf import NSOConfig
-from nso_hf.flatness_report import REPORT_KEYS
+from nso_hf.flatness import compare
+from nso_hf.flatness.report import REPORT_KEYS
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "measure_flatness.py")
 ENTRY_KEYS = {"label", "checkpoint", "kind", "num_batches", *REPORT_KEYS}
@@ -24,11 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("measure_flatness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """The script's library side: its arguments, parser and run."""
+    return SimpleNamespace(
+        MeasureFlatnessArguments=compare.MeasureFlatnessArguments, DEFAULT_TEXTS=compare.DEFAULT_TEXTS,
+        parse=compare.parse, main=compare.compare_checkpoints,
+    )
 
 
 def byte_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -105,7 +107,7 @@ def test_script_writes_json_and_png_for_two_checkpoints(tmp_path, script):
     assert init["num_parameters_measured"] == sum(p.numel() for p in saved.parameters())
 
 
-def test_script_measures_adapter_checkpoint(tmp_path, script):
+def test_script_measures_adapter_checkpoint(tmp_path, script, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     tokenizer = byte_tokenizer(script.DEFAULT_TEXTS)
@@ -118,11 +120,14 @@ def test_script_measures_adapter_checkpoint(tmp_path, script):
                 p.normal_(0, 0.05)
     adapter_numel = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     lora.save_pretrained(adapter_dir)
-    args = script.parse([
+    argv = [
         "--checkpoints", str(adapter_dir), "--base_model", str(base_dir), "--num_probes", "2", "--max_iter", "2",
         "--num_draws", "1", "--curve_points", "3", "--num_batches", "1", "--report_dir", str(tmp_path / "report"),
-    ])
-    result = script.main(args)
+    ]
+    # Through the script file itself (in this process: no second interpreter start-up).
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+    runpy.run_path(SCRIPT, run_name="__main__")
+    result = json.loads((tmp_path / "report" / "flatness.json").read_text())
     (entry,) = result["checkpoints"]
     assert entry["kind"] == "adapter" and entry["num_parameters_measured"] == adapter_numel
     assert entry["pac_bayes_curvature"] is None and entry["landscape_2d"] is None

@@ -133,3 +133,55 @@ def test_restore_is_a_no_op_at_w_and_complete_after_a_cut_short_apply():
     assert not pert.at_origin and not torch.equal(v, saved)
     pert.restore()
     assert torch.equal(v, saved)
+
+
+def test_move_to_sets_w_plus_combination_of_directions_and_restores_exactly():
+    w1, w2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    before = [w1.clone(), w2.clone()]
+    d1 = [torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    d2 = [torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    pert = Perturbation([w1, w2], sigma=0.0, relative=False)
+    pert.move_to([0.5, -2.0], [d1, d2])
+    assert not pert.at_origin
+    for w, b, a, c in zip((w1, w2), before, d1, d2):
+        torch.testing.assert_close(w, b + 0.5 * a - 2.0 * c, rtol=0, atol=1e-15)
+    pert.move_to([-0.5], [d1])  # from W, not from the point held: no drift
+    for w, b, a in zip((w1, w2), before, d1):
+        torch.testing.assert_close(w, b - 0.5 * a, rtol=0, atol=1e-15)
+    pert.restore()
+    assert pert.at_origin and all(torch.equal(w, b) for w, b in zip((w1, w2), before))
+
+
+def test_move_to_rounds_once_into_bf16():
+    w = torch.randn(64, 8).to(torch.bfloat16)
+    saved = w.clone()
+    d1, d2 = torch.randn(64, 8), torch.randn(64, 8)
+    pert = Perturbation([w], sigma=0.0, relative=False)
+    pert.move_to([1e-2, 3e-3], [[d1], [d2]])
+    # The sum formed in float32 and rounded once, not after each direction.
+    assert torch.equal(w, (saved.float() + 1e-2 * d1 + 3e-3 * d2).to(torch.bfloat16))
+    pert.restore()
+    assert torch.equal(w, saved)
+
+
+def test_move_to_rejects_mismatched_directions():
+    pert = Perturbation([torch.zeros(3), torch.zeros(2)], sigma=0.0, relative=False)
+    with pytest.raises(ValueError, match=r"move_to: 1 coefficients for 2 directions"):
+        pert.move_to([1.0], [[torch.ones(3), torch.ones(2)], [torch.ones(3), torch.ones(2)]])
+    with pytest.raises(ValueError, match=r"move_to: a direction has 1 tensors for 2 parameters"):
+        pert.move_to([1.0], [[torch.ones(3)]])
+    assert pert.at_origin
+
+
+def test_apply_with_sigma_override_equals_a_perturbation_created_with_it():
+    a, b = torch.randn(100), torch.zeros(100)
+    b.copy_(a)
+    Perturbation([a], sigma=0.3, relative=False).apply(1, [4])
+    pert = Perturbation([b], sigma=0.0, relative=False)
+    pert.apply(1, [4], sigma=0.3)
+    assert torch.equal(a, b)
+    before = b.clone()
+    pert.apply(-1, [4], sigma=0.3)  # the reflection of the point held
+    assert torch.equal(b, 2 * pert.backup[0] - before)
+    pert.apply(1, [4], sigma=0.6)  # another sigma: a new draw, not a reflection
+    torch.testing.assert_close(b - pert.backup[0], 2 * (before - pert.backup[0]), rtol=1e-5, atol=1e-6)
