@@ -11,7 +11,9 @@ from typing import Any
 
 from transformers import Trainer
 
-from nso_hf.config import NSOConfig
+from nso_hf.config import ASCENT_METHODS, MERGED_METHODS, NOISE_METHODS, NSOConfig
+
+SHARDED = ("FSDP1", "FSDP2", "DeepSpeed ZeRO-3")
 
 
 def engine_name(trainer: Any) -> str:
@@ -50,6 +52,27 @@ def check_engine(trainer: Any, config: NSOConfig) -> None:
         ValueError: naming the engine, the option and the fix.
     """
     engine = engine_name(trainer)
+    if config.method in ASCENT_METHODS and engine in SHARDED:
+        # The ascent gradient is taken with torch.autograd.grad with respect to the parameters; under these
+        # engines the parameters the forward uses are gathered copies (FSDP) or re-filled views (ZeRO-3),
+        # not the tensors the trainer holds, and e would have to be split into shards. Not built, not tested.
+        raise ValueError(
+            f"NSOConfig.method={config.method!r} is not supported under {engine}: its ascent gradient is taken with "
+            "torch.autograd.grad on the parameters, which this engine shards. Use DDP or DeepSpeed ZeRO-2, or "
+            "method='nso' / 'rwp' (docs/methods.md)."
+        )
+    if config.method in ASCENT_METHODS and engine.startswith("DeepSpeed") and _deepspeed_fp16(trainer):
+        raise ValueError(
+            f"NSOConfig.method={config.method!r} is not supported under {engine} with fp16: DeepSpeed scales the loss "
+            "inside its engine, which the ascent gradient (torch.autograd.grad) bypasses. Use bf16 or fp32, or DDP "
+            "with fp16 (GradScaler)."
+        )
+    if config.method in MERGED_METHODS and engine in SHARDED:
+        raise ValueError(
+            f"NSOConfig.method={config.method!r} writes noise into the frozen base weights of the LoRA layers and scales "
+            f"it by the rows of W0 + s BA, which {engine} shards. Use DDP or DeepSpeed ZeRO-2, or method='nso' / 'rwp' "
+            "(noise on the adapters, docs/methods.md)."
+        )
     if config.nonfinite_loss == "skip":
         if engine.startswith("DeepSpeed") and not _deepspeed_fp16(trainer):
             raise ValueError(
@@ -62,7 +85,7 @@ def check_engine(trainer: Any, config: NSOConfig) -> None:
                 "NSOConfig.nonfinite_loss='skip' needs transformers >= 5.0 (Trainer._get_grad_norm, where the step "
                 "is skipped). Upgrade transformers or use nonfinite_loss='raise'."
             )
-    if config.noise_scale == "relative" and engine in ("FSDP1", "DeepSpeed ZeRO-3"):
+    if config.method in NOISE_METHODS and config.relative_noise and engine in ("FSDP1", "DeepSpeed ZeRO-3"):
         shards = "flat 1-D pieces" if engine == "FSDP1" else "flat partitions"
         raise ValueError(
             f"NSOConfig.noise_scale='relative' needs whole rows, but {engine} shards parameters into {shards}. "

@@ -218,6 +218,7 @@ class Perturbation:
         sigma: float,
         relative: bool,
         after_move: Callable[[], None] | None = None,
+        scales: Sequence[torch.Tensor] | None = None,
     ):
         """Args:
         params: the parameters to move (their local storage, see `local_tensor`).
@@ -225,6 +226,9 @@ class Perturbation:
         relative: scale each row's noise by that row's RMS.
         after_move: called after every change of the parameters' values (an engine that keeps
             another copy of them, such as ZeRO-3's gathered parameters, refreshes it there).
+        scales: with `relative`, the multipliers of sigma to use instead of each parameter's own row
+            RMS, one per parameter, broadcastable against it (merged-space noise scales by the rows
+            of W0 + s BA, not of W0).
         """
         self.params = list(params)
         self.sigma = float(sigma)
@@ -232,7 +236,10 @@ class Perturbation:
         self.after_move = after_move
         with torch.no_grad():
             self.backup = [local_tensor(p).clone() for p in self.params]
-            self.scales = [relative_scale(p) for p in self.params] if relative else None
+            if relative and scales is not None:
+                self.scales = list(scales)
+            else:
+                self.scales = [relative_scale(p) for p in self.params] if relative else None
         self._generators: dict[torch.device, torch.Generator] = {}
         # (sign, seeds, sigma) of the noise the parameters hold; None: they hold W; "moving": an apply
         # or move_to was cut short; "offset": a move_to point.

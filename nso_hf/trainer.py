@@ -1,10 +1,12 @@
-"""`NSOTrainer` and `NSOMixin`: the noise-stability step inside `transformers.Trainer`.
+"""`NSOTrainer` and `NSOMixin`: the noise-stability step (and SAM, ASAM, Flat-LoRA) inside `transformers.Trainer`.
 
 Per micro-batch, `training_step` runs the passes of `pass_plan` (2k at W +/- U_j, plus one at W
-when lam > 0), each one a call of the parent class's own `training_step`, so each transformers
-version keeps its own loss scaling, `num_items_in_batch` handling, mixed precision and DeepSpeed
-arguments. The pass's weight is applied to the gradient inside `compute_loss`, so the loss value
-Trainer logs stays the plain loss. The weights are put back by copy before the optimizer steps.
+when lam > 0; for SAM one at W and one at W + e), each one a call of the parent class's own
+`training_step`, so each transformers version keeps its own loss scaling, `num_items_in_batch`
+handling, mixed precision and DeepSpeed arguments. The pass's weight is applied to the gradient
+inside `compute_loss`, so the loss value Trainer logs stays the plain loss. SAM's ascent pass takes
+its gradient there with `torch.autograd.grad` and hands Trainer's backward a loss without a graph,
+so `.grad` never sees it. The weights are put back by copy before the optimizer steps.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from nso_hf.compat import (
     snapshot_counters,
     zero3_params,
 )
-from nso_hf.config import NSOConfig
+from nso_hf.config import ASCENT_METHODS, MERGED_METHODS, NOISE_METHODS, NSOConfig
 from nso_hf.engines import check_engine, engine_name
+from nso_hf.merged import lora_targets, merged_row_rms
 from nso_hf.noise import Perturbation, draw_seed, is_sharded, local_tensor, select_parameters
 from nso_hf.passes import Pass, pass_plan, scale_gradient
+from nso_hf.ramp import noise_ramp_factor
 from nso_hf.rng import GlobalRNGState
+from nso_hf.sam import sam_perturbation
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class _PassState:
 
     plan: Pass
     skipped: bool = False  # its loss was non-finite and it contributes no gradient
+    ascent: list[torch.Tensor] | None = None  # SAM's ascent pass: the offset e its gradient gave (None: no ascent)
 
 
 class NSOMixin:
@@ -61,11 +67,15 @@ class NSOMixin:
             raise TypeError(f"nso_config must be an NSOConfig, got {type(nso_config).__name__}.")
         self.nso_config = nso_config
         self._nso_pass: _PassState | None = None  # set while a pass of training_step runs
-        self._nso_params: tuple[int, list[tuple[str, nn.Parameter]]] | None = None  # (id(model), selection)
+        self._nso_params: tuple[int, list[tuple[str, nn.Parameter]], list[nn.Module]] | None = None
+        # (id(model), perturbed parameters, their LoRA layers for the merged-space methods)
+        self._nso_warned_zero_ascent = False
         self._nso_window = (-1, 0)  # (global step, micro-batches seen in its accumulation window)
         self._nso_log = _NSOLogAccumulator()
         super().__init__(*args, **kwargs)
         check_engine(self, nso_config)
+        if nso_config.method in MERGED_METHODS:
+            self._nso_parameters(self.model)  # a model without LoRA layers fails here, before training
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -81,20 +91,17 @@ class NSOMixin:
 
         # Snapshot W (the one extra copy) and the global RNG (so every pass draws the same dropout).
         params = [p for _, p in named]
-        zero3 = zero3_params(params)
-        perturbation = Perturbation(
-            params,
-            cfg.sigma,
-            relative=cfg.noise_scale == "relative",
-            after_move=(lambda: refresh_zero3_gathered(zero3)) if zero3 else None,
-        )
+        perturbation = self._nso_perturbation(params, step)
         rng = GlobalRNGState.capture()
         counters = snapshot_counters(self)
         passes: list[tuple[_PassState, torch.Tensor]] = []
+        ascent: list[torch.Tensor] | None = None  # SAM's e, found by the pass at W
         try:
             for i, p in enumerate(plan):
-                if not p.clean:
+                if p.draw is not None:  # W + U_j, or W - U_j (a reflection of W + U_j)
                     perturbation.apply(p.sign, seeds[p.draw])
+                elif p.ascended and ascent is not None:  # W + e, from the backup (no accumulated rounding)
+                    perturbation.move_to([1.0], [ascent])
                 rng.restore()
                 # Only the last pass of a syncing micro-batch may all-reduce (DDP) or step (DeepSpeed,
                 # which then steps at W: the weights are restored inside the engine's step).
@@ -109,6 +116,7 @@ class NSOMixin:
                     self._nso_pass = _PassState(p)
                     loss = super().training_step(model, inputs, num_items_in_batch)
                 passes.append((self._nso_pass, loss))
+                ascent = self._nso_pass.ascent if p.ascent else ascent
         finally:
             # Weights go back by copy whatever happened: W + U - U != W in low precision. (A no-op
             # when a DeepSpeed engine already restored W and stepped.)
@@ -117,16 +125,21 @@ class NSOMixin:
         self._nso_window = (step, micro_step + 1)
         count_once(self, counters, len(passes))
 
-        perturbed = [loss for s, loss in passes if not s.plan.clean and not s.skipped]
-        mean_perturbed = torch.stack(perturbed).mean() if perturbed else torch.full_like(passes[-1][1], float("nan"))
-        clean = [loss for s, loss in passes if s.plan.clean]
+        # The loss Trainer logs: the mean over the moved points (W + U_j, W - U_j, W + e); at W for 'none'.
+        at_w = [loss for s, loss in passes if s.plan.at_w]
+        moved = [s for s, _ in passes if not s.plan.at_w]
+        perturbed = [loss for s, loss in passes if not s.plan.at_w and not s.skipped]
+        if perturbed:
+            logged = torch.stack(perturbed).mean()
+        else:  # every moved pass was skipped (nan), or nothing moves (method 'none')
+            logged = torch.full_like(passes[-1][1], float("nan")) if moved else at_w[0]
         self._nso_log.add(
-            clean=clean[0] if clean else None,
-            perturbed=mean_perturbed if perturbed else None,
+            clean=at_w[0] if at_w and moved else None,
+            perturbed=logged if perturbed else None,
             skipped=sum(s.skipped for s, _ in passes),
             step_done=syncs,
         )
-        return mean_perturbed
+        return logged
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(
@@ -136,8 +149,13 @@ class NSOMixin:
         if state is None:  # evaluation, or a call outside training_step
             return out
         loss = out[0] if return_outputs else out
-        if not state.plan.clean and not torch.isfinite(loss.detach()).all():  # one host sync per pass
+        if not state.plan.at_w and not torch.isfinite(loss.detach()).all():  # one host sync per pass
             loss = self._nso_nonfinite(model, loss, state)
+        if state.plan.ascent:
+            # SAM's pass at W: g goes into e, never into .grad; Trainer's backward gets the same value
+            # as a leaf without a graph (a no-op backward: nothing accumulated, nothing all-reduced).
+            state.ascent = self._nso_ascent(loss)
+            loss = loss.detach().requires_grad_()
         loss = scale_gradient(loss, state.plan.weight)
         return (loss, *out[1:]) if return_outputs else loss
 
@@ -172,18 +190,78 @@ class NSOMixin:
 
     # ------------------------------------------------------------------ helpers
     def _nso_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """The perturbed parameters, selected once per model object."""
+        """The parameters the method moves, selected once per model object.
+
+        nso, rwp, sam, asam: the trainable parameters (filtered by name). flat_lora, nso_merged: the
+        frozen base weights of the LoRA layers. none: nothing.
+        """
         if self._nso_params is None or self._nso_params[0] != id(model):
-            selected = select_parameters(
-                model.named_parameters(), self.nso_config.perturb_include, self.nso_config.perturb_exclude
-            )
-            if self.nso_config.noise_scale == "relative" and engine_name(self) == "FSDP1":
+            cfg = self.nso_config
+            layers: list[nn.Module] = []
+            if cfg.method == "none":
+                selected: list[tuple[str, nn.Parameter]] = []
+            elif cfg.method in MERGED_METHODS:
+                targets = lora_targets(model, cfg.perturb_include, cfg.perturb_exclude, method=cfg.method)
+                selected, layers = [(t.name, t.weight) for t in targets], [t.layer for t in targets]
+            else:
+                selected = select_parameters(model.named_parameters(), cfg.perturb_include, cfg.perturb_exclude)
+            if self._nso_relative and engine_name(self) == "FSDP1":
                 raise ValueError(
                     "NSOConfig.noise_scale='relative' needs whole rows, but FSDP1 shards parameters as flat 1-D "
                     "pieces. Use FSDP2 (fsdp_version: 2; its dim-0 shards keep rows whole) or noise_scale='absolute'."
                 )
-            self._nso_params = (id(model), selected)
+            self._nso_params = (id(model), selected, layers)
         return self._nso_params[1]
+
+    @property
+    def _nso_relative(self) -> bool:
+        return self.nso_config.method in NOISE_METHODS and self.nso_config.relative_noise
+
+    def _nso_perturbation(self, params: list[nn.Parameter], step: int) -> Perturbation:
+        """The micro-batch's `Perturbation`: it snapshots W (one copy) and scales the noise.
+
+        sigma follows the ramp (`noise_ramp`); relative noise of the merged-space methods is scaled by
+        the rows of W0 + s BA, recomputed here because A and B change every step (one weight-sized
+        float32 temporary per layer at a time).
+        """
+        cfg = self.nso_config
+        sigma = cfg.sigma * noise_ramp_factor(step, self.state.max_steps, cfg.noise_ramp)
+        layers = self._nso_params[2] if self._nso_params is not None else []
+        scales = [merged_row_rms(layer) for layer in layers] if layers and self._nso_relative else None
+        zero3 = zero3_params(params)
+        return Perturbation(
+            params,
+            sigma,
+            relative=self._nso_relative,
+            after_move=(lambda: refresh_zero3_gathered(zero3)) if zero3 else None,
+            scales=scales,
+        )
+
+    def _nso_ascent(self, loss: torch.Tensor) -> list[torch.Tensor] | None:
+        """SAM's / ASAM's offset e from the gradient of this micro-batch's loss at W.
+
+        The gradient is this rank's own (the pass runs under no_sync: no communication) and is taken
+        with `torch.autograd.grad`, so `.grad` keeps only the accumulated training gradient. Under
+        fp16 the loss is multiplied by GradScaler's current scale (so small gradients do not flush to
+        zero in fp16 activations) and g divided by it: the optimizer's single `unscale_` still applies
+        to the accumulated gradient alone.
+        """
+        cfg = self.nso_config
+        params = [p for _, p in self._nso_params[1]]
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.float().div_(scale) if scale != 1.0 else g for g, p in zip(grads, params)]
+        e = sam_perturbation(grads, cfg.rho, weights=params if cfg.method == "asam" else None)
+        if e is None and not self._nso_warned_zero_ascent:
+            self._nso_warned_zero_ascent = True
+            logger.warning(
+                "%s step %d: the gradient at W is zero or not finite, so there is no ascent direction; this micro-batch "
+                "takes the gradient at W (plain training). Said once per run.",
+                cfg.method.upper(),
+                self.state.global_step,
+            )
+        return e
 
     def _nso_sharded(self, param: nn.Parameter) -> bool:
         # FSDP1 (use_orig_params) exposes flat 1-D shard views that carry no mark of their own.
@@ -201,14 +279,15 @@ class NSOMixin:
         ]
 
     def _nso_nonfinite(self, model: nn.Module, loss: torch.Tensor, state: _PassState) -> torch.Tensor:
-        p = state.plan
+        p, cfg = state.plan, self.nso_config
+        point = "W + e" if p.ascended else f"W {'+' if p.sign > 0 else '-'} U (draw {p.draw})"
+        strength = f"rho={cfg.rho}" if p.ascended else f"sigma={cfg.sigma}"
         where = (
-            f"NSO step {self.state.global_step}: the loss at W {'+' if p.sign > 0 else '-'} U (draw {p.draw}) is "
-            f"{loss.detach().float().item()} with sigma={self.nso_config.sigma}."
+            f"NSO step {self.state.global_step}: the loss at {point} is {loss.detach().float().item()} with {strength}."
         )
         if self.nso_config.nonfinite_loss == "raise":
             raise NonFiniteLossError(
-                f"{where} The weights were restored. Lower sigma (or use noise_scale='relative'), or set "
+                f"{where} The weights were restored. Lower {strength.split('=')[0]} (or use noise_scale='relative'), or set "
                 "nonfinite_loss='skip' to drop such passes."
             )
         logger.warning("%s This pass contributes no gradient (nonfinite_loss='skip').", where)
