@@ -1,4 +1,4 @@
-"""Chain-of-thought fine-tuning of a causal LM with NSO (or RWP, or a plain Trainer baseline).
+"""Chain-of-thought fine-tuning of a causal LM with NSO (or RWP, SAM, ASAM, Flat-LoRA, or a plain Trainer).
 
 With no arguments it runs the embedded offline default: a tiny Llama pretrained on synthetic
 arithmetic (cached), LoRA fine-tuned with Trainer and with NSOTrainer, and a table of accuracy
@@ -35,7 +35,7 @@ from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArgum
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments),
-        description="Chain-of-thought fine-tuning with NSO, RWP or a plain Trainer (docs/cot.md). With no "
+        description="Chain-of-thought fine-tuning with NSO, RWP, SAM, ASAM, Flat-LoRA, merged NSO or a plain Trainer (docs/cot.md, docs/methods.md). With no "
         "arguments: the offline demo (make demo). --resume_from_checkpoint takes a checkpoint folder, or 'true' "
         "for the newest complete one in --output_dir.",
     )

@@ -1,4 +1,4 @@
-"""CLIP contrastive pretraining with the NSO step (or RWP, or plain Trainer), evaluated zero-shot.
+"""CLIP contrastive pretraining with the NSO step (or RWP, SAM, ASAM, or plain Trainer), evaluated zero-shot.
 
 With no arguments and no network: a tiny CLIP on scikit-learn's handwritten digits (captions from
 templates, a word-level tokenizer trained on them), trained once with `transformers.Trainer` and
@@ -70,7 +70,12 @@ def parse(argv: list[str]) -> tuple[tuple, set[str]]:
     Returns:
         (the five dataclasses, the argument names the user gave in the YAML or on the command line).
     """
-    return parse_with_config(make_parser(), argv, defaults=SCRIPT_DEFAULTS)
+    (model_args, data_args, run_args, training_args, nso_config), explicit = parse_with_config(
+        make_parser(), argv, defaults=SCRIPT_DEFAULTS
+    )
+    if "method" in explicit:  # one method; without --method, every compare_methods entry
+        run_args.method = nso_config.method
+    return (model_args, data_args, run_args, training_args, nso_config), explicit
 
 
 def main(
@@ -83,8 +88,8 @@ def main(
 ) -> dict:
     if training_args.remove_unused_columns:
         raise ValueError("remove_unused_columns must be False: the collator reads the image and caption columns.")
-    if "two_point" in explicit and run_args.method in ("nso", "rwp") and nso_config.two_point != (run_args.method == "nso"):
-        raise ValueError(f"--method {run_args.method} sets two_point={run_args.method == 'nso'}; drop --two_point.")
+    if "two_point" in explicit and "method" in explicit:
+        raise ValueError(f"--method {nso_config.method} decides one- or two-point noise; drop --two_point.")
     if run_args.gather_features and any(m != "none" for m in run_args.methods):
         require_shared_noise(nso_config, explicitly_set="sync_noise_across_ranks" in explicit)
     task, make_model = build_task(model_args, data_args)

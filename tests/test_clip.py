@@ -249,8 +249,9 @@ def test_trainer_class_per_method(method, gather, expected):
 
 
 def test_unknown_method_raises():
-    with pytest.raises(ValueError, match="Unknown method 'sam'"):
-        trainer_class("sam", False)
+    with pytest.raises(ValueError, match="Unknown method 'sgd'"):
+        trainer_class("sgd", False)
+    assert trainer_class("sam", False) is NSOTrainer
 
 
 def test_gathering_sets_shared_noise_or_refuses_an_explicit_false():

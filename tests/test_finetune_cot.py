@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data_recipes import get_recipe
+from nso_hf.config import NSOConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "finetune_cot.py")
@@ -35,7 +36,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("method: rwp\nsigma: 0.02\nrecipe: gsm8k\nlora_r: 4\noutput_dir: out\nmax_steps: 7\n")
     script, data, training, nso, lora = parse_arguments(["--config", str(config), "--lora_r", "2"])
-    assert (script.method, nso.sigma, data.recipe, lora.lora_r, training.max_steps) == ("rwp", 0.02, "gsm8k", 2, 7)
+    assert (nso.method, nso.sigma, data.recipe, lora.lora_r, training.max_steps) == ("rwp", 0.02, "gsm8k", 2, 7)
     assert training.output_dir == "out"
     config.write_text("methd: nso\n")
     with pytest.raises(ValueError, match=r"Unknown options in .*run\.yaml: \['methd'\]"):
@@ -43,10 +44,12 @@ def test_yaml_config_and_command_line_override(tmp_path):
 
 
 def test_unknown_method_raises():
-    from nso_hf.cot.arguments import CoTScriptArguments
+    from finetune_cot import parse_arguments
 
-    with pytest.raises(ValueError, match="--method must be one of"):
-        CoTScriptArguments(method="sam")
+    with pytest.raises(ValueError, match=r"NSOConfig.method must be one of \('none', 'nso', 'rwp', 'sam'"):
+        NSOConfig(method="sgd")
+    script, _, _, nso, _ = parse_arguments(["--method", "asam", "--rho", "0.5", "--output_dir", "out"])
+    assert (nso.method, nso.rho) == ("asam", 0.5)
 
 
 def test_left_pad():

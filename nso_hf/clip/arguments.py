@@ -91,16 +91,13 @@ class CLIPDataArguments:
 
 @dataclass
 class CLIPRunArguments:
-    method: str | None = field(
-        default=None,
-        metadata={
-            "help": "nso: NSOTrainer (two-point); rwp: NSOTrainer one-point; none: plain Trainer. "
-            "Unset: train one model per compare_methods entry and print a table.",
-            "choices": list(METHODS),
-        },
-    )
+    # The method is NSOConfig's `--method` (one vocabulary for every script); `parse` in
+    # scripts/pretrain_clip.py copies it here when it was given, else compare_methods are trained.
+    # Not an argument of its own (init=False): HfArgumentParser would reject the clash with NSOConfig.
+    method: str | None = field(default=None, init=False)
     compare_methods: list[str] = field(
-        default_factory=lambda: ["none", "nso"], metadata={"help": "Methods trained one after the other when method is unset."}
+        default_factory=lambda: ["none", "nso"],
+        metadata={"help": f"Methods trained one after the other when --method is not given; any of {list(METHODS)}."},
     )
     gather_features: bool = field(
         default=False,
@@ -117,8 +114,6 @@ class CLIPRunArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
         bad = [m for m in self.compare_methods if m not in METHODS]
         if bad:
             raise ValueError(f"compare_methods may hold {METHODS} only, got {bad}.")

@@ -62,11 +62,11 @@ def run_method(
     """Train and evaluate one model.
 
     Args:
-        method: "nso", "rwp" or "none".
+        method: one of `nso_hf.config.METHODS`.
         make_model: returns a fresh model (called once, after seeding with `training_args.seed`).
         task: data, collator and evaluation settings.
         training_args: used as given (its `output_dir` receives the JSON).
-        nso_config: NSO settings for "nso"/"rwp" (`two_point` is set by the method).
+        nso_config: the step's settings (its `method` is replaced by `method`).
         gather_features: contrastive loss over all ranks' features.
         save_model: save the final model, tokenizer and image processor to `output_dir`.
         max_logit_scale: bound of the log temperature, clamped after every optimizer step.

@@ -1,7 +1,7 @@
 """Which Trainer class trains CLIP: plain `Trainer`, `NSOTrainer`, or either with the gathered loss.
 
-`--method none` is `transformers.Trainer`; `nso` and `rwp` are `NSOTrainer` with
-`NSOConfig(two_point=True)` / `NSOConfig(two_point=False)`. With `gather_features` the loss comes
+`--method none` is `transformers.Trainer`; every other method (nso, rwp, sam, asam; flat_lora and
+nso_merged need LoRA layers) is `NSOTrainer` with `NSOConfig(method=...)`. With `gather_features` the loss comes
 from `GatheredLossTrainer.compute_loss`, and NSO is mixed in on top of it (`NSOMixin` calls the
 parent's `training_step` and `compute_loss`), so there is one NSO step for every variant.
 """
@@ -35,7 +35,7 @@ class GatheredLossNSOTrainer(NSOMixin, GatheredLossTrainer):
 
 
 def trainer_class(method: str, gather_features: bool) -> type[Trainer]:
-    """Args: method: "nso", "rwp" or "none"; gather_features: use the all-rank loss. Returns: the class to build."""
+    """Args: method: one of `METHODS`; gather_features: use the all-rank loss. Returns: the class to build."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     if method == "none":
@@ -44,6 +44,6 @@ def trainer_class(method: str, gather_features: bool) -> type[Trainer]:
 
 
 def nso_kwargs(method: str, nso_config: NSOConfig) -> dict[str, Any]:
-    """The extra keyword the chosen class takes: `nso_config` with `two_point` set by the method."""
+    """The extra keyword the chosen class takes: `nso_config` with its `method` set."""
     config = config_for_method(method, nso_config)
     return {} if config is None else {"nso_config": config}

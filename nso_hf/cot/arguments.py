@@ -1,6 +1,7 @@
 """The argument dataclasses of `scripts/finetune_cot.py` (parsed beside TrainingArguments and NSOConfig).
 
-No field shares a name with `TrainingArguments` or `NSOConfig`: HfArgumentParser rejects clashes.
+No field shares a name with `TrainingArguments` or `NSOConfig`: HfArgumentParser rejects clashes. The
+method (`--method none | nso | rwp | sam | asam | flat_lora | nso_merged`) is `NSOConfig.method`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from typing import Optional
 
 from data_recipes import RECIPES
 from data_recipes.answers import ANSWER_KINDS
-from nso_hf.config import METHODS
 
 # Recipes whose answer kind is an option; the others fix it (gsm8k: numbers, strategyqa: yes/no, ...).
 KIND_OPTION_RECIPES = ("jsonl", "cot_json")
@@ -20,17 +20,8 @@ PRESETS = ("smollm2",)
 
 @dataclass
 class CoTScriptArguments:
-    """Model, method and evaluation settings."""
+    """Model and evaluation settings (the method and its strength are NSOConfig's)."""
 
-    method: str = field(
-        default="nso",
-        metadata={
-            "help": "nso: NSOTrainer, two-point noise (W+U and W-U). rwp: NSOTrainer with one-point noise (random "
-            "weight perturbation). none: plain transformers.Trainer, the baseline with everything else identical. "
-            "The method sets NSOConfig.two_point.",
-            "choices": list(METHODS),
-        },
-    )
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={
@@ -76,8 +67,6 @@ class CoTScriptArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}.")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}.")
         if self.hessian_trace_probes < 0:

@@ -43,7 +43,7 @@ def demo_arguments(method: str, preset: str, output_dir: str, cache_dir: Optiona
         raise ValueError(f"Unknown demo preset {preset!r}; use one of {sorted(DEMO_PRESETS)}.")
     settings = DEMO_PRESETS[preset]
     script_args = CoTScriptArguments(
-        method=method, base_model_cache_dir=cache_dir, save_final_model=False, **settings["script"]
+        base_model_cache_dir=cache_dir, save_final_model=False, **settings["script"]
     )
     data_args = CoTDataArguments(recipe="synthetic", **settings["data"])
     training_args = TrainingArguments(
@@ -57,7 +57,7 @@ def demo_arguments(method: str, preset: str, output_dir: str, cache_dir: Optiona
         disable_tqdm=False,  # Trainer's progress bar, and one with the running accuracy at evaluation
         **settings["training"],
     )
-    return script_args, data_args, training_args, NSOConfig(sigma=0.01), LoraArguments(**settings["lora"])
+    return script_args, data_args, training_args, NSOConfig(method=method, sigma=0.01), LoraArguments(**settings["lora"])
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

@@ -3,8 +3,8 @@
 checks before any model loads (options, output folder, the model's position limit from its
 config, every data file read and non-empty, the checkpoint to resume from) -> seed -> load the
 model (LoRA by default) -> a recipe's data, formatted with the prompt masked -> train with
-`Trainer` (method "none") or `NSOTrainer` ("nso": two-point noise, "rwp": one-point), resuming if
-asked -> greedy-generation accuracy on every evaluation source -> optionally the Hessian trace of
+`Trainer` (method "none") or `NSOTrainer` (nso, rwp, sam, asam, flat_lora, nso_merged: docs/methods.md),
+resuming if asked -> greedy-generation accuracy on every evaluation source -> optionally the Hessian trace of
 the training loss -> `cot_results.json` beside the predictions (main process only).
 """
 
@@ -208,7 +208,7 @@ def run_cot_finetune(
         script_args: model, method and evaluation settings.
         data_args: recipe, sources and formatting.
         training_args: `transformers.TrainingArguments`.
-        nso_config: the NSO step (its `two_point` is set by `script_args.method`).
+        nso_config: the step: its `method` (none: plain Trainer) and strength.
         lora_args: adapter settings (ignored with `full_finetune`).
 
     Returns:
@@ -263,7 +263,8 @@ def run_cot_finetune(
         )
 
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    nso_config = config_for_method(script_args.method, nso_config)
+    method = nso_config.method
+    nso_config = config_for_method(method, nso_config)
     trainer = make_trainer(
         nso_config, model=model, args=training_args, train_dataset=features,
         data_collator=collator, processing_class=tokenizer,
@@ -306,11 +307,11 @@ def run_cot_finetune(
         if estimate is not None:
             trace = {"value": estimate.value, "stderr": estimate.stderr, "num_probes": estimate.num_probes}
     results = {
-        "method": script_args.method,
+        "method": method,
         "model": path if gguf_file is None else os.path.join(path, gguf_file),
         "full_finetune": script_args.full_finetune,
         "trainable_parameters": trainable,
-        "nso_config": None if nso_config is None else dataclasses.asdict(nso_config),
+        "nso_config": None if nso_config is None else nso_config.to_dict(),
         "data": {"recipe": data_args.recipe, "train_source": train_source, "rows_kept": load_report.kept,
                  "rows_dropped": load_report.dropped, "max_length": max_length,
                  "eval_sources": eval_origin, **dataclasses.asdict(format_report)},
@@ -323,7 +324,7 @@ def run_cot_finetune(
         with open(os.path.join(training_args.output_dir, "cot_results.json"), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
     for name, metrics in evaluations.items():
-        print(f"[cot] {script_args.method} {name}: exact match {metrics['exact_match']:.3f} "
+        print(f"[cot] {method} {name}: exact match {metrics['exact_match']:.3f} "
               f"({metrics['num_correct']}/{metrics['num_examples']}; flexible {metrics['exact_match_flexible']:.3f}, "
               f"{metrics['num_truncated']} cut off at --max_new_tokens)", flush=True)
     return results
