@@ -1,14 +1,17 @@
-"""Per-step time and peak memory of NSOTrainer (k=1, lam=0) against plain Trainer.
+"""Per-step time and peak memory of every method of NSOTrainer against plain Trainer, in one run.
 
     python scripts/benchmark_step.py                 # what `make bench` runs
     python scripts/benchmark_step.py --steps 40 --hidden_size 512
+    python scripts/benchmark_step.py --methods sam flat_lora --modes lora
 
-Both trainers run in this process on the same tiny Llama-style model and data, for LoRA and full
-fine-tuning; the step time is the median over `--steps` optimizer steps after `--warmup` steps
-(timed from on_step_begin to on_step_end, so it includes the optimizer). Peak memory: on CUDA,
-`max_memory_allocated` in this process; on CPU, the peak resident set size of a fresh child process
-per run (Linux VmHWM), reported both in total and as growth over the RSS before training.
-Printed as NSO/Trainer ratios. Two passes per step are the floor for the two-point step.
+Trainer and each method (NSOConfig(method=..., k=1, lam=0); docs/methods.md) run in this process on
+the same tiny Llama-style model and data, for LoRA and full fine-tuning (flat_lora and nso_merged:
+LoRA only); the step time is the median over `--steps` optimizer steps after `--warmup` steps (timed
+from on_step_begin to on_step_end, so it includes the optimizer), the runs alternating in `--rounds`.
+Peak memory: on CUDA, `max_memory_allocated` in this process; on CPU, the peak resident set size of
+a fresh child process per run (Linux VmHWM), reported both in total and as growth over the RSS before
+training. Printed as method/Trainer ratios. Two passes per step are the floor for nso, sam and asam,
+one for rwp and flat_lora.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from transformers import (
 )
 
 from nso_hf import NSOConfig, NSOTrainer
+from nso_hf.config import MERGED_METHODS, METHODS
 from nso_hf.timing import StepTimer
 
 
@@ -49,6 +53,12 @@ class BenchArguments:
         metadata={"help": "Trainer and NSOTrainer alternate this many times; the medians pool all rounds (drift cancels)."},
     )
     modes: list[str] = field(default_factory=lambda: ["lora", "full"], metadata={"help": "lora and/or full."})
+    methods: list[str] = field(
+        default_factory=lambda: [m for m in METHODS if m != "none"],
+        metadata={"help": f"Methods to compare with Trainer; any of {[m for m in METHODS if m != 'none']}."},
+    )
+    sigma: float = field(default=0.01, metadata={"help": "Noise std (flat_lora, nso_merged: a fraction of the row RMS)."})
+    rho: float = field(default=0.05, metadata={"help": "SAM / ASAM radius."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
     child: str | None = field(default=None, metadata={"help": "Internal: run one 'method:mode' and print its memory."})
 
@@ -94,9 +104,9 @@ def run(bench: BenchArguments, method: str, mode: str) -> Trainer:
     timer = StepTimer()
     kwargs = dict(model=build_model(bench, mode == "lora"), args=args, train_dataset=dataset(bench), callbacks=[timer])
     trainer = (
-        NSOTrainer(**kwargs, nso_config=NSOConfig(sigma=0.01, num_perturbations=1))
-        if method == "nso"
-        else Trainer(**kwargs)
+        Trainer(**kwargs)
+        if method == "trainer"
+        else NSOTrainer(**kwargs, nso_config=NSOConfig(method=method, sigma=bench.sigma, rho=bench.rho))
     )
     trainer.remove_callback(PrinterCallback)
     if torch.cuda.is_available():
@@ -125,7 +135,7 @@ def child_memory(bench: BenchArguments) -> None:
 def cpu_memory(bench: BenchArguments, method: str, mode: str) -> dict[str, float]:
     small = [f"--{k}={v}" for k, v in (("hidden_size", bench.hidden_size), ("num_layers", bench.num_layers),
              ("vocab_size", bench.vocab_size), ("seq_len", bench.seq_len), ("batch_size", bench.batch_size),
-             ("steps", 3), ("warmup", 1))]  # fmt: skip
+             ("steps", 3), ("warmup", 1), ("sigma", bench.sigma), ("rho", bench.rho))]  # fmt: skip
     out = subprocess.run(
         [sys.executable, __file__, *small, "--child", f"{method}:{mode}"], capture_output=True, text=True, check=True
     )
@@ -135,16 +145,20 @@ def cpu_memory(bench: BenchArguments, method: str, mode: str) -> dict[str, float
 def main(bench: BenchArguments) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results = {"device": device, "settings": {k: v for k, v in asdict(bench).items() if k not in ("child", "output_json")}}
+    bad = [m for m in bench.methods if m not in METHODS or m == "none"]
+    if bad:
+        raise ValueError(f"--methods takes {[m for m in METHODS if m != 'none']}, got {bad}.")
     print(
-        f"# NSOTrainer (k=1, lam=0) vs Trainer on {device}; median of {bench.rounds} x {bench.steps} steps "
-        f"(each run after {bench.warmup} warm-up steps, the two trainers alternating)"
+        f"# NSOTrainer methods (k=1, lam=0, sigma={bench.sigma}, rho={bench.rho}) vs Trainer on {device}; median of "
+        f"{bench.rounds} x {bench.steps} steps (each run after {bench.warmup} warm-up steps, the runs alternating)"
     )
-    print(f"{'mode':<6}{'trainer s/step':>16}{'nso s/step':>12}{'time ratio':>12}{'peak-mem ratio':>16}{'growth ratio':>14}")
+    print(f"{'mode':<6}{'method':<12}{'s/step':>10}{'time ratio':>12}{'peak-mem ratio':>16}{'growth ratio':>14}")
     for mode in bench.modes:
         if mode not in ("lora", "full"):
             raise ValueError(f"--modes takes 'lora' and/or 'full', got {mode!r}")
-        row = {}
-        times: dict[str, list[float]] = {"trainer": [], "nso": []}
+        methods = ["trainer"] + [m for m in bench.methods if mode == "lora" or m not in MERGED_METHODS]
+        row: dict = {}
+        times: dict[str, list[float]] = {m: [] for m in methods}
         for _ in range(bench.rounds):
             for method in times:
                 trainer = run(bench, method, mode)
@@ -161,15 +175,17 @@ def main(bench: BenchArguments) -> dict:
                 mem = cpu_memory(bench, method, mode)
                 row[method]["peak_mb"] = mem["peak_mb"]
                 row[method]["growth_mb"] = mem["peak_mb"] - mem["before_mb"]
-        t, n = row["trainer"], row["nso"]
-        row["time_ratio"] = n["s_per_step"] / t["s_per_step"]
-        row["peak_memory_ratio"] = n["peak_mb"] / t["peak_mb"]
-        row["memory_growth_ratio"] = n["growth_mb"] / t["growth_mb"]
+        t = row["trainer"]
+        for method in methods:
+            n = row[method]
+            n["time_ratio"] = n["s_per_step"] / t["s_per_step"]
+            n["peak_memory_ratio"] = n["peak_mb"] / t["peak_mb"]
+            n["memory_growth_ratio"] = n["growth_mb"] / t["growth_mb"]
+            print(
+                f"{mode:<6}{method:<12}{n['s_per_step']:>10.4f}{n['time_ratio']:>12.3f}"
+                f"{n['peak_memory_ratio']:>16.3f}{n['memory_growth_ratio']:>14.3f}"
+            )
         results[mode] = row
-        print(
-            f"{mode:<6}{t['s_per_step']:>16.4f}{n['s_per_step']:>12.4f}{row['time_ratio']:>12.3f}"
-            f"{row['peak_memory_ratio']:>16.3f}{row['memory_growth_ratio']:>14.3f}"
-        )
     if bench.output_json:
         with open(bench.output_json, "w") as f:
             json.dump(results, f, indent=2)
