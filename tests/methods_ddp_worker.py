@@ -1,0 +1,98 @@
+"""One launch of tests/test_methods_ddp.py: `torchrun --nproc_per_node 2 tests/methods_ddp_worker.py OUT`.
+
+Every method of NSOTrainer under DDP (2 CPU processes, gloo) on the tiny Llama of conftest (full
+weights for none/sam/asam, LoRA for flat_lora/nso_merged): at zero strength against Trainer, and at
+a real strength, counting the gradient all-reduces through a DDP communication hook. Each rank writes
+its trainable weights and what it counted; the test holds them to the math.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from conftest import lm_examples, tiny_llama  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from nso_hf import NSOConfig, NSOTrainer  # noqa: E402
+
+OUT = sys.argv[1]
+RANK = int(os.environ["RANK"])
+STEPS = 3
+
+
+class CountAllReduces(TrainerCallback):
+    """Registers a DDP comm hook that counts bucket all-reduces."""
+
+    def __init__(self):
+        self.trainer, self.calls = None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def hook(process_group, bucket):
+            self.calls += 1
+            return default_hooks.allreduce_hook(process_group, bucket)
+
+        self.trainer.model_wrapped.register_comm_hook(None, hook)
+
+
+def model(lora: bool) -> torch.nn.Module:
+    m = tiny_llama(seed=0, dropout=0.1)
+    if lora:
+        m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return m
+
+
+def train(name: str, lora: bool, cfg: NSOConfig | None, grad_accum: int = 1) -> dict:
+    args = TrainingArguments(
+        output_dir=os.path.join(OUT, name), per_device_train_batch_size=8 // grad_accum,
+        gradient_accumulation_steps=grad_accum, max_steps=STEPS, learning_rate=0.5, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, ddp_backend="gloo",
+        ddp_find_unused_parameters=False, report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, seed=11, dataloader_num_workers=0,
+    )  # fmt: skip
+    counter = CountAllReduces()
+    kw = {} if cfg is None else {"nso_config": cfg}
+    cls = Trainer if cfg is None else NSOTrainer
+    trainer = cls(model=model(lora), args=args, train_dataset=lm_examples(64, seed=3), callbacks=[counter], **kw)
+    counter.trainer = trainer
+    trainer.train()
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    torch.save(weights, os.path.join(OUT, f"{name}_rank{RANK}.pt"))
+    logs = trainer.state.log_history
+    return {
+        "allreduce_calls": counter.calls,
+        "loss": [h["loss"] for h in logs if "loss" in h],
+        "sharpness": [h["nso/sharpness"] for h in logs if "nso/sharpness" in h],
+    }
+
+
+RUNS = {
+    "plain_full": (False, None, 1),
+    "plain_full_ga2": (False, None, 2),
+    "plain_lora": (True, None, 1),
+    "none": (False, NSOConfig(method="none"), 1),
+    "sam_rho0": (False, NSOConfig(method="sam", rho=0.0), 1),
+    "asam_rho0": (False, NSOConfig(method="asam", rho=0.0), 1),
+    "flat_lora_sigma0": (True, NSOConfig(method="flat_lora", sigma=0.0), 1),
+    "nso_merged_sigma0": (True, NSOConfig(method="nso_merged", sigma=0.0), 1),
+    "sam": (False, NSOConfig(method="sam", rho=0.05), 1),
+    "sam_ga2": (False, NSOConfig(method="sam", rho=0.05), 2),
+    "asam": (False, NSOConfig(method="asam", rho=0.5), 1),
+    "flat_lora": (True, NSOConfig(method="flat_lora", sigma=0.1), 1),
+    "nso_merged": (True, NSOConfig(method="nso_merged", sigma=0.1), 1),
+}
+
+if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.dump_traceback_later(420, exit=True)
+    results = {name: train(name, *spec) for name, spec in RUNS.items()}
+    with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
+        json.dump(results, f)
