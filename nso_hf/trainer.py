@@ -251,7 +251,11 @@ class NSOMixin:
         scaler = getattr(self.accelerator, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g.float().div_(scale) if scale != 1.0 else g for g, p in zip(grads, params)]
+        # A parameter the loss does not reach has no gradient: 0. Divided by S in at least float32.
+        grads = [
+            torch.zeros_like(p) if g is None else g if scale == 1.0 else g.to(torch.promote_types(g.dtype, torch.float32)) / scale
+            for g, p in zip(grads, params)
+        ]
         e = sam_perturbation(grads, cfg.rho, weights=params if cfg.method == "asam" else None)
         if e is None and not self._nso_warned_zero_ascent:
             self._nso_warned_zero_ascent = True

@@ -152,3 +152,36 @@ def test_collectives_per_optimizer_step(runs, engine):
             # its trace, so their count is reported in the docs, and only its direction is checked.
             assert per_step(nso, "reduce_scatter_tensor") == 2 * per_step(plain, "reduce_scatter_tensor") > 0
             assert per_step(nso, *gathers) > per_step(plain, *gathers), (scenario, plain, nso)
+
+
+# ---------------------------------------------------------------- the other methods (docs/methods.md)
+@pytest.mark.parametrize("method", ["sam", "asam", "flat_lora", "nso_merged"])
+def test_methods_at_zero_strength_equal_trainer_under_zero2(runs, method):
+    r = runs["zero2"]["methods_zero2"][f"{method}_zero"]
+    assert close(r["loss"], r["plain_loss"]), (r["loss"], r["plain_loss"])
+    assert r["weights_max_diff"] == 0.0
+    assert r["step_probe"] == [0.0] * 3 and r["moved"] > 1e-3
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "flat_lora", "nso_merged"])
+def test_methods_under_zero2_step_at_w_and_restore_frozen_weights(runs, method):
+    r = runs["zero2"]["methods_zero2"][method]
+    assert r["step_probe"] == [0.0] * 3  # the engine stepped at W, not at W + e or W + U
+    assert r["moved"] > 1e-3 and r["finite"] and r["vs_plain"] > 0.0
+    if method in ("sam", "asam"):
+        assert len(r["sharpness"]) == 3 and any(s != 0 for s in r["sharpness"])  # W + e reached the forward
+    else:
+        assert r["frozen_max_diff"] == 0.0  # the base weights carry no trace of the noise
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sharded_engines_refuse_sam_and_merged_methods(runs, engine):
+    r = runs[engine]["method_refusals"]
+    if engine == "zero2":
+        assert r == {"sam": None, "asam": None, "flat_lora": None, "nso_merged": None}
+        return
+    name = {"fsdp1": "FSDP1", "fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}[engine]
+    for method in ("sam", "asam"):
+        assert r[method] and f"method='{method}' is not supported under {name}" in r[method] and " Use " in r[method]
+    for method in ("flat_lora", "nso_merged"):
+        assert r[method] and f"which {name} shards" in r[method] and " Use " in r[method]

@@ -296,3 +296,51 @@ def test_sharded_engines_refuse_the_methods_they_cannot_run(engine, method):
     with pytest.raises(ValueError, match=rf"method='{method}'.*{what}.*{engine}|method='{method}' is not supported under {engine}"):
         check_engine(_fake_trainer(engine), NSOConfig(method=method))
     check_engine(_fake_trainer("DDP/single"), NSOConfig(method=method))  # accepted there
+
+
+# 8. Mixed precision.
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_strength_reproduces_trainer_under_autocast(args_factory, method, precision):
+    # On CPU this covers the autocast path; the fp16 GradScaler arithmetic is checked below.
+    build = lora_llama if method in LORA_METHODS else tiny_llama
+    args = args_factory(max_steps=2, **{precision: True})
+    ref, _ = _train(Trainer, build(), args)
+    got, trainer = _train(NSOTrainer, build(), args, nso_config=NSOConfig(method=method, sigma=0.0, rho=0.0))
+    assert trainer.accelerator.mixed_precision == precision
+    assert all(torch.equal(ref[n], got[n]) for n in ref)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_restores_bf16_weights_bit_exactly(args_factory, method):
+    model = lora_llama(dtype=torch.bfloat16) if method in LORA_METHODS else tiny_llama(dtype=torch.bfloat16)
+    before = params_of(model)
+    trainer = NSOTrainer(
+        model=model, args=args_factory(), train_dataset=lm_examples(), nso_config=NSOConfig(method=method, sigma=0.1, rho=0.1)
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(model, first_batch(trainer))
+    assert all(torch.equal(v, before[n]) for n, v in params_of(model).items())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_grad_scaler_scales_only_the_accumulated_gradient(args_factory, method):
+    # fp16's GradScaler (here its CPU form): Trainer's backward of the pass at W + e is scaled by S and
+    # unscaled once by the optimizer; the ascent gradient is taken from S * loss and divided by S, so
+    # .grad holds exactly S * g(W + e), e from the unscaled gradient.
+    model = BatchQuadratic()
+    rho, scale = 0.3, 1024.0
+    trainer = NSOTrainer(
+        model=model, args=args_factory(per_device_train_batch_size=2), train_dataset=batch_quadratic_examples(),
+        nso_config=NSOConfig(method=method, rho=rho),
+    )  # fmt: skip
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    trainer.current_gradient_accumulation_steps = 1
+    batch = first_batch(trainer)
+    w = model.w.detach().clone()
+    model.zero_grad()
+    trainer.training_step(model, batch)
+    g = model.grad_at(w, batch["x"])
+    e = rho * g / g.norm() if method == "sam" else rho * w * w * g / (w.abs() * g).norm()
+    torch.testing.assert_close(model.w.grad, scale * model.grad_at(w + e, batch["x"]), rtol=1e-12, atol=1e-9)
