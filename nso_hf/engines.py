@@ -52,20 +52,15 @@ def check_engine(trainer: Any, config: NSOConfig) -> None:
         ValueError: naming the engine, the option and the fix.
     """
     engine = engine_name(trainer)
-    if config.method in ASCENT_METHODS and engine in SHARDED:
-        # The ascent gradient is taken with torch.autograd.grad with respect to the parameters; under these
-        # engines the parameters the forward uses are gathered copies (FSDP) or re-filled views (ZeRO-3),
-        # not the tensors the trainer holds, and e would have to be split into shards. Not built, not tested.
+    if config.method in ASCENT_METHODS and (engine in SHARDED or engine.startswith("DeepSpeed")):
+        # The ascent gradient is taken with torch.autograd.grad with respect to the parameters. Under FSDP the
+        # forward uses gathered copies, not the tensors the trainer holds, and e would have to be split into
+        # shards; DeepSpeed (0.19) runs its post-backward hooks on any backward, so autograd.grad makes ZeRO
+        # reduce gradient buckets that were never filled (IndexError in reduce_ipg_grads, seen under ZeRO-2).
         raise ValueError(
             f"NSOConfig.method={config.method!r} is not supported under {engine}: its ascent gradient is taken with "
-            "torch.autograd.grad on the parameters, which this engine shards. Use DDP or DeepSpeed ZeRO-2, or "
-            "method='nso' / 'rwp' (docs/methods.md)."
-        )
-    if config.method in ASCENT_METHODS and engine.startswith("DeepSpeed") and _deepspeed_fp16(trainer):
-        raise ValueError(
-            f"NSOConfig.method={config.method!r} is not supported under {engine} with fp16: DeepSpeed scales the loss "
-            "inside its engine, which the ascent gradient (torch.autograd.grad) bypasses. Use bf16 or fp32, or DDP "
-            "with fp16 (GradScaler)."
+            "torch.autograd.grad on the parameters, which this engine shards or reduces in its own backward hooks. "
+            "Use DDP, or method='nso' / 'rwp' (docs/methods.md)."
         )
     if config.method in MERGED_METHODS and engine in SHARDED:
         raise ValueError(

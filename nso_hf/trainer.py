@@ -102,6 +102,7 @@ class NSOMixin:
                     perturbation.apply(p.sign, seeds[p.draw])
                 elif p.ascended and ascent is not None:  # W + e, from the backup (no accumulated rounding)
                     perturbation.move_to([1.0], [ascent])
+                    ascent = None  # e is not needed past the move: freed before the pass at W + e
                 rng.restore()
                 # Only the last pass of a syncing micro-batch may all-reduce (DDP) or step (DeepSpeed,
                 # which then steps at W: the weights are restored inside the engine's step).
@@ -116,7 +117,8 @@ class NSOMixin:
                     self._nso_pass = _PassState(p)
                     loss = super().training_step(model, inputs, num_items_in_batch)
                 passes.append((self._nso_pass, loss))
-                ascent = self._nso_pass.ascent if p.ascent else ascent
+                if p.ascent:  # e leaves the pass state, so that nothing holds it after the move
+                    ascent, self._nso_pass.ascent = self._nso_pass.ascent, None
         finally:
             # Weights go back by copy whatever happened: W + U - U != W in low precision. (A no-op
             # when a DeepSpeed engine already restored W and stepped.)
