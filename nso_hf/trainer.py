@@ -29,7 +29,7 @@ from nso_hf.compat import (
     snapshot_counters,
     zero3_params,
 )
-from nso_hf.config import ASCENT_METHODS, MERGED_METHODS, NOISE_METHODS, NSOConfig
+from nso_hf.config import MERGED_METHODS, NOISE_METHODS, NSOConfig
 from nso_hf.engines import check_engine, engine_name
 from nso_hf.merged import lora_targets, merged_row_rms
 from nso_hf.noise import Perturbation, draw_seed, is_sharded, local_tensor, select_parameters

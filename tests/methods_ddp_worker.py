@@ -1,8 +1,8 @@
 """One launch of tests/test_methods_ddp.py: `torchrun --nproc_per_node 2 tests/methods_ddp_worker.py OUT`.
 
-Every method of NSOTrainer under DDP (2 CPU processes, gloo) on the tiny Llama of conftest (full
-weights for none/sam/asam, LoRA for flat_lora/nso_merged): at zero strength against Trainer, and at
-a real strength, counting the gradient all-reduces through a DDP communication hook. Each rank writes
+Every method of NSOTrainer but nso (tests/test_ddp.py) under DDP (2 CPU processes, gloo) on the tiny
+Llama of conftest (full weights for none/rwp/sam/asam, LoRA for flat_lora/nso_merged): at zero
+strength against Trainer, and at a real strength, counting the gradient all-reduces through a DDP communication hook. Each rank writes
 its trainable weights and what it counted; the test holds them to the math.
 """
 
@@ -78,10 +78,12 @@ RUNS = {
     "plain_full_ga2": (False, None, 2),
     "plain_lora": (True, None, 1),
     "none": (False, NSOConfig(method="none"), 1),
+    "rwp_sigma0": (False, NSOConfig(method="rwp", sigma=0.0), 1),
     "sam_rho0": (False, NSOConfig(method="sam", rho=0.0), 1),
     "asam_rho0": (False, NSOConfig(method="asam", rho=0.0), 1),
     "flat_lora_sigma0": (True, NSOConfig(method="flat_lora", sigma=0.0), 1),
     "nso_merged_sigma0": (True, NSOConfig(method="nso_merged", sigma=0.0), 1),
+    "rwp": (False, NSOConfig(method="rwp", sigma=0.05), 1),
     "sam": (False, NSOConfig(method="sam", rho=0.05), 1),
     "sam_ga2": (False, NSOConfig(method="sam", rho=0.05), 2),
     "asam": (False, NSOConfig(method="asam", rho=0.5), 1),

@@ -31,13 +31,14 @@ def ddp(tmp_path_factory):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     records = json.loads((out / "rank0.json").read_text())
-    weights = lambda name, rank: torch.load(out / f"{name}_rank{rank}.pt")  # noqa: E731
+    weights = lambda name, rank: torch.load(out / f"{name}_rank{rank}.pt")
     return records, weights
 
 
 @pytest.mark.parametrize(
-    "run, plain", [("none", "plain_full"), ("sam_rho0", "plain_full"), ("asam_rho0", "plain_full"),
-                   ("flat_lora_sigma0", "plain_lora"), ("nso_merged_sigma0", "plain_lora")],
+    "run, plain",
+    [("none", "plain_full"), ("rwp_sigma0", "plain_full"), ("sam_rho0", "plain_full"), ("asam_rho0", "plain_full"),
+     ("flat_lora_sigma0", "plain_lora"), ("nso_merged_sigma0", "plain_lora")],
 )  # fmt: skip
 def test_zero_strength_equals_trainer_under_ddp(ddp, run, plain):
     records, weights = ddp
@@ -48,8 +49,9 @@ def test_zero_strength_equals_trainer_under_ddp(ddp, run, plain):
 
 
 @pytest.mark.parametrize(
-    "run, plain", [("sam", "plain_full"), ("sam_ga2", "plain_full_ga2"), ("asam", "plain_full"),
-                   ("flat_lora", "plain_lora"), ("nso_merged", "plain_lora")],
+    "run, plain",
+    [("rwp", "plain_full"), ("sam", "plain_full"), ("sam_ga2", "plain_full_ga2"), ("asam", "plain_full"),
+     ("flat_lora", "plain_lora"), ("nso_merged", "plain_lora")],
 )  # fmt: skip
 def test_methods_under_ddp_keep_replicas_equal_and_communicate_like_trainer(ddp, run, plain):
     records, weights = ddp
