@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 # collective kernel is compiled once here (about a minute), not by two test processes racing each other.
 DEEPSPEED ?= deepspeed==0.19.8
 DS_STAMP  := $(VENV)/.deepspeed
+# Compiled kernels live with the venv: another checkout's build would otherwise invalidate the cache.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 deepspeed: $(DS_STAMP)
 $(DS_STAMP): $(STAMP)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c constraints.txt "$(DEEPSPEED)"

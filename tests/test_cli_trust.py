@@ -228,6 +228,7 @@ def _torchrun(model_dir, output_dir, *extra):
     return done.stdout
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_resume_true_matches_uninterrupted(tiny_model_dir, tmp_path):
     full_log = _torchrun(tiny_model_dir, tmp_path / "full")
     interrupted = tmp_path / "interrupted"
@@ -426,6 +427,7 @@ def test_demo_shows_trainer_progress():
     assert training_args.disable_tqdm is False
 
 
+@pytest.mark.distributed
 def test_torchrun_every_rank_stops_on_bad_data_before_loading(tiny_model_dir, tmp_path):
     wrong = write_jsonl(tmp_path / "yesno.jsonl", [{"question": f"q{i}?", "rationale": "r", "answer": "No"} for i in range(4)])
     command = [

@@ -361,6 +361,7 @@ def test_script_parsing_yaml_command_line_and_explicit_names(tmp_path):
         script.main(m, d, r, t, n, explicit)
 
 
+@pytest.mark.distributed
 def test_script_end_to_end_on_the_digits_writes_its_json(tmp_path):
     cfg = tmp_path / "clip.yaml"
     cfg.write_text(yaml.safe_dump({"max_steps": 3, "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 16}))
@@ -392,6 +393,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_gathered_loss_across_two_ranks_matches_one_process_on_the_whole_batch(tmp_path):
     """torchrun, 2 gloo ranks with 4 and 2 rows: same loss as one process; local gradients are its rows."""
     worker = os.path.join(REPO, "tests", "clip_gather_worker.py")
@@ -439,6 +441,7 @@ def test_image_folder_with_metadata_builds_a_task(tmp_path):
         build_task(CLIPModelArguments(image_size=16), replace(data, caption_column="caption"))
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_script_under_torchrun_with_gathered_features_and_nso(tmp_path):
     """Two gloo ranks, NSO on the all-rank loss: the script sets shared noise, trains, writes its JSON."""

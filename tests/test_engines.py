@@ -152,3 +152,10 @@ def test_collectives_per_optimizer_step(runs, engine):
             # its trace, so their count is reported in the docs, and only its direction is checked.
             assert per_step(nso, "reduce_scatter_tensor") == 2 * per_step(plain, "reduce_scatter_tensor") > 0
             assert per_step(nso, *gathers) > per_step(plain, *gathers), (scenario, plain, nso)
+
+
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
+def test_fsdp_holds_unsharded_gradients_between_passes(runs, engine):
+    """The price of one reduce-scatter per step: the earlier pass's gradient is kept unsharded."""
+    r = runs[engine]["held_gradients"]
+    assert r["held_between_passes"] > r["sharded_gradient"] > 0, r

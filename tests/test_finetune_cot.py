@@ -115,6 +115,7 @@ def _env():
     return env
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_one_process(tiny_model_dir, tmp_path):
     output_dir = str(tmp_path / "out")
     command = [
@@ -140,6 +141,7 @@ def _free_port():
         return str(sock.getsockname()[1])
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     output_dir = str(tmp_path / "out")
     command = [

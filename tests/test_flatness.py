@@ -468,6 +468,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_distributed_estimates_average_across_ranks(tmp_path, trained_mlp):
     """Two gloo processes, one batch each, give the estimate of one process holding both batches."""
     import torch.multiprocessing as mp
