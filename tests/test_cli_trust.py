@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -208,17 +209,9 @@ def test_resume_checkpoint_errors(tmp_path):
         resolve_resume_checkpoint(str(out / "checkpoint-2"), str(out / "checkpoint-2"))
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def _torchrun(model_dir, output_dir, *extra):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(SCRIPTS, "finetune_cot.py"), *cot_argv(model_dir, output_dir, *extra),
         "--use_cpu", "true", "--ddp_backend", "gloo", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3",
     ]  # fmt: skip
@@ -431,7 +424,7 @@ def test_demo_shows_trainer_progress():
 def test_torchrun_every_rank_stops_on_bad_data_before_loading(tiny_model_dir, tmp_path):
     wrong = write_jsonl(tmp_path / "yesno.jsonl", [{"question": f"q{i}?", "rationale": "r", "answer": "No"} for i in range(4)])
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(SCRIPTS, "finetune_cot.py"), *cot_argv(tiny_model_dir, tmp_path / "out"),
         "--recipe", "gsm8k", "--train_source", wrong, "--use_cpu", "true", "--ddp_backend", "gloo",
     ]  # fmt: skip

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 
 from data_recipes import get_recipe
 
@@ -130,22 +131,14 @@ def test_accelerate_launch_one_process(tiny_model_dir, tmp_path):
     assert results["trainable_parameters"] < 10_000  # LoRA adapters only
     assert os.path.exists(os.path.join(output_dir, "adapter_config.json"))
     assert results["hessian_trace"]["num_probes"] == 2
-    assert results["hessian_trace"]["stderr"] >= 0
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
+    assert results["hessian_trace"]["stderr"] > 0  # two different probes give two different estimates
 
 
 @pytest.mark.distributed
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     output_dir = str(tmp_path / "out")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(), SCRIPT,
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT,
         *_run_args(tiny_model_dir, output_dir, "rwp"), "--use_cpu", "true", "--ddp_backend", "gloo",
     ]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)

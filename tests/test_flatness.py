@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from conftest import Quadratic, tiny_llama
 from torch.func import functional_call
 
 from nso_hf.flatness import (
@@ -79,27 +80,12 @@ def trained_mlp():
     return mlp, batches, hessian
 
 
-class Quadratic(nn.Module):
-    """loss = 1/2 w^T A w + b^T w over w = (w1, w2), with b from the batch: Hessian A exactly."""
-
-    def __init__(self, a: torch.Tensor, sizes: tuple[int, int]) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(sizes[0], dtype=torch.float64))
-        self.w2 = nn.Parameter(torch.randn(sizes[1], dtype=torch.float64))
-        self.register_buffer("a", a)
-
-    def forward(self, b: torch.Tensor) -> SimpleNamespace:
-        w = torch.cat([self.w1, self.w2])
-        return SimpleNamespace(loss=0.5 * w @ self.a @ w + b @ w)
-
-
 @pytest.fixture
 def quadratic():
     gen = torch.Generator().manual_seed(1)
     m = torch.randn(7, 7, dtype=torch.float64, generator=gen)
     a = m @ m.T / 7 + torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64))  # SPD, distinct eigenvalues
-    torch.manual_seed(2)
-    model = Quadratic(a, (3, 4))
+    model = Quadratic(a=a, sizes=(3, 4), linear=False, seed=2)  # loss 1/2 w^T A w + b^T w, b from the batch
     batches = [{"b": torch.randn(7, dtype=torch.float64)} for _ in range(2)]
     return model, batches, a
 
@@ -373,14 +359,7 @@ def test_batch_without_loss_needs_loss_fn():
 
 def test_peft_lora_measures_adapters_under_sdpa():
     peft = pytest.importorskip("peft")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    base = LlamaForCausalLM(config)  # transformers picks SDPA, which has no double backward
+    base = tiny_llama(seed=5, dropout=0.0, attention="sdpa", max_positions=32)  # SDPA has no double backward
     lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():  # B starts at 0; move it so the adapters' Hessian is not degenerate
         for name, p in lora.named_parameters():

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import runpy
+
+from conftest import load_script
 
 from nso_hf.config import METHODS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_gpu_check_smoke_on_cpu(tmp_path, one_thread):
-    script = runpy.run_path(os.path.join(REPO, "scripts", "gpu_check.py"))
+    script = load_script("gpu_check.py")
     argv = ["--device", "cpu", "--tiny", "--steps", "2", "--batch_size", "2", "--seq_len", "16", "--output_dir", str(tmp_path)]
     report = script["main"](argv)
     bf16 = report["precision"]["bf16"]
