@@ -25,22 +25,13 @@ from __future__ import annotations
 
 import sys
 
-from transformers import HfArgumentParser, TrainingArguments
+import os
 
-from nso_hf.cli import add_config_argument, parse_with_config
-from nso_hf.config import NSOConfig
-from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
+from nso_hf.cli import parse_with_config
+from nso_hf.cot.arguments import make_parser
 
-
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments),
-        description="Chain-of-thought fine-tuning with NSO, RWP or a plain Trainer (docs/cot.md). With no "
-        "arguments: the offline demo (make demo). --resume_from_checkpoint takes a checkpoint folder, or 'true' "
-        "for the newest complete one in --output_dir.",
-    )
-    add_config_argument(parser)
-    return parser
+# The embedded default (`make demo`): a YAML file in the format of --config.
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cot_demo_tiny.yaml")
 
 
 def parse_arguments(argv: list[str]) -> tuple:
@@ -53,7 +44,7 @@ def main(argv: list[str]) -> None:
     if not argv:
         from nso_hf.cot.demo import run_cot_demo
 
-        run_cot_demo()
+        run_cot_demo(DEMO_CONFIG)
         return
     from nso_hf.cot.checks import InputError
     from nso_hf.cot.finetune import run_cot_finetune

@@ -416,7 +416,7 @@ def test_unknown_recipe_raises_from_the_api():
 def test_demo_shows_trainer_progress():
     from nso_hf.cot.demo import demo_arguments
 
-    training_args = demo_arguments("nso", "tiny", "outputs/x", None)[2]
+    training_args = demo_arguments("nso", os.path.join(SCRIPTS, "configs", "cot_demo_tiny.yaml"), "outputs/x", None)[2]
     assert training_args.disable_tqdm is False
 
 

@@ -170,3 +170,42 @@ def test_smollm2_preset_short_run(tmp_path):
     assert results["train"]["global_step"] == 2
     rows = [json.loads(line) for line in open(os.path.join(output_dir, "predictions_test.jsonl"))]
     assert len(rows) == 4 and all(r["generation"].strip() for r in rows)
+
+
+@pytest.mark.parametrize("name", ["cot_demo_tiny.yaml", "cot_demo_smollm2.yaml", "clip_digits.yaml"])
+def test_presets_are_config_files_the_scripts_read(name):
+    """The scripts' presets are YAML files in the user's --config format, read by the same code."""
+    from conftest import SCRIPTS, load_script
+
+    from nso_hf.cli import parse_with_config, read_config
+
+    path = os.path.join(SCRIPTS, "configs", name)
+    if name.startswith("cot"):
+        from nso_hf.cot.arguments import make_parser
+
+        parser, argv = make_parser(), ["--config", path]
+    else:
+        parser, argv = load_script("pretrain_clip.py")["make_parser"](), ["--config", path]
+    parsed, explicit = parse_with_config(parser, argv)
+    values = read_config(path, {f for f in explicit})
+    got = {}
+    for obj in parsed:
+        got.update({k: getattr(obj, k) for k in values if hasattr(obj, k)})
+    for key, value in values.items():
+        expected = value
+        if key == "report_to":  # TrainingArguments normalises it to a list
+            expected = [] if value == "none" else [value]
+        assert got[key] == expected, key
+
+
+def test_config_files_reject_unknown_and_empty_keys(tmp_path):
+    from nso_hf.cli import parse_with_config
+    from nso_hf.cot.arguments import make_parser
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sigma:\nmethod: nso\n")
+    with pytest.raises(ValueError, match=r"\['sigma'\] have no value"):
+        parse_with_config(make_parser(), ["--config", str(bad)])
+    bad.write_text("- a list\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        parse_with_config(make_parser(), ["--config", str(bad)])
