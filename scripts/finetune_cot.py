@@ -23,9 +23,8 @@ Options: `python scripts/finetune_cot.py --help`.
 
 from __future__ import annotations
 
-import sys
-
 import os
+import sys
 
 from nso_hf.cli import parse_with_config
 from nso_hf.cot.arguments import make_parser

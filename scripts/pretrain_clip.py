@@ -23,8 +23,8 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from nso_hf.cli import add_config_argument, parse_with_config
 from nso_hf import NSOConfig
+from nso_hf.cli import add_config_argument, parse_with_config
 from nso_hf.clip.arguments import (
     CLIPDataArguments,
     CLIPModelArguments,

@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
 from helpers import (  # noqa: F401  (re-exported: tests import these from conftest)
     REPO,
     SCRIPTS,

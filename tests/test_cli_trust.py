@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+
 from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +50,9 @@ def cot_argv(model_dir, output_dir, *extra):
 
 
 def run(argv):
-    from finetune_cot import parse_arguments
-
     from nso_hf.cot.finetune import run_cot_finetune
+
+    from finetune_cot import parse_arguments
 
     return run_cot_finetune(*parse_arguments(argv))
 

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import free_port, load_script, params_of, training_args
 from transformers import CLIPModel, Trainer, TrainingArguments
 
 from nso_hf import NSOConfig, NSOTrainer
@@ -49,6 +48,8 @@ from nso_hf.clip.trainers import (
     GatheredLossTrainer,
     trainer_class,
 )
+
+from conftest import free_port, load_script, params_of, training_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "pretrain_clip.py")

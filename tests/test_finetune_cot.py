@@ -7,9 +7,10 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port
 
 from data_recipes import get_recipe
+
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "finetune_cot.py")
@@ -175,9 +176,9 @@ def test_smollm2_preset_short_run(tmp_path):
 @pytest.mark.parametrize("name", ["cot_demo_tiny.yaml", "cot_demo_smollm2.yaml", "clip_digits.yaml"])
 def test_presets_are_config_files_the_scripts_read(name):
     """The scripts' presets are YAML files in the user's --config format, read by the same code."""
-    from conftest import SCRIPTS, load_script
-
     from nso_hf.cli import parse_with_config, read_config
+
+    from conftest import SCRIPTS, load_script
 
     path = os.path.join(SCRIPTS, "configs", name)
     if name.startswith("cot"):

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from conftest import Quadratic, tiny_llama
 from torch.func import functional_call
 
 from nso_hf.flatness import (
@@ -35,6 +34,7 @@ from nso_hf.flatness import (
 )
 from nso_hf.flatness.mode import measurement_mode
 
+from conftest import Quadratic, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -388,11 +388,12 @@ def test_peft_lora_measures_adapters_under_sdpa():
 
 @pytest.mark.parametrize("trainer_kind", ["Trainer", "NSOTrainer"])
 def test_callback_logs_flatness_through_trainer(tmp_path, trainer_kind):
-    from conftest import lm_examples, tiny_llama, training_args
     from transformers import Trainer
 
     from nso_hf import NSOConfig, NSOTrainer
     from nso_hf.callbacks import FlatnessCallback
+
+    from conftest import lm_examples, tiny_llama, training_args
 
     model = tiny_llama(seed=0)
     probe_batches = [{k: torch.stack([e[k] for e in lm_examples(4, seed=9)]) for k in ("input_ids", "labels")}]
@@ -530,9 +531,9 @@ def test_hvp_auto_is_exact_for_16_bit_weights():
 
 def test_report_enters_one_measurement(monkeypatch):
     """Selection, batch moves and the attention switch happen once for all the report's estimators."""
-    from conftest import lm_examples, tiny_llama
-
     import nso_hf.flatness.context as context
+
+    from conftest import lm_examples, tiny_llama
 
     model = tiny_llama(seed=0, dropout=0.0)
     model.set_attn_implementation("sdpa")

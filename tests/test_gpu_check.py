@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import load_script
-
 from nso_hf.config import METHODS
+
+from conftest import load_script
 
 
 def test_gpu_check_smoke_on_cpu(tmp_path, one_thread):

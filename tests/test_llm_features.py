@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first_batch, lm_examples, params_of, tiny_llama
 from transformers import Trainer
 
 from nso_hf import NSOConfig, NSOTrainer
+
+from conftest import first_batch, lm_examples, params_of, tiny_llama
 
 
 def _trained(cls, args, **kw) -> dict[str, torch.Tensor]:
@@ -51,7 +52,7 @@ def test_gradient_checkpointing(args_factory, use_reentrant, one_thread):
     without, _ = _nso_gradient(args_factory(), cfg)
     assert restored
     for name in without:
-        torch.testing.assert_close(with_ckpt[name], without[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(with_ckpt[name], without[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().max() > 0 for g in with_ckpt.values())
 
 
@@ -64,7 +65,7 @@ def test_torch_compile(args_factory, one_thread, backend):
     ref = _trained(Trainer, args)
     got = _trained(NSOTrainer, args, nso_config=NSOConfig(sigma=0.0))
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     # sigma > 0 at learning rate 0: the compiled graph reads the perturbed weights (the logged gap
     # between the perturbed and the clean loss is not 0), and W is exactly as it was afterwards.
     model = tiny_llama(dropout=0.2)

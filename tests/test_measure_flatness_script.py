@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import byte_level_tokenizer, tiny_llama_config
 from transformers import LlamaForCausalLM, TrainingArguments
 
 from nso_hf import NSOConfig
 from nso_hf.flatness import compare
 from nso_hf.flatness.report import REPORT_KEYS
+
+from conftest import byte_level_tokenizer, tiny_llama_config
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "measure_flatness.py")
 ENTRY_KEYS = {"label", "checkpoint", "kind", "num_batches", *REPORT_KEYS}

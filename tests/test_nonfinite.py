@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import params_of, training_args
 from nso_hf import NSOConfig, NSOTrainer
 from nso_hf.trainer import NonFiniteLossError
+
+from conftest import params_of, training_args
 
 
 class SqrtAtZero(nn.Module):
