@@ -44,3 +44,17 @@ def one_thread():
 @pytest.fixture
 def args_factory(tmp_path):
     return lambda **kw: training_args(tmp_path, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised 2-layer Llama (256 positions) and its BPE tokenizer, saved like any local model."""
+    from nso_hf.cot.tiny_base_model import TinyBaseSpec, build_model, build_tokenizer, pretraining_texts
+
+    spec = TinyBaseSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, corpus_size=300)
+    tokenizer = build_tokenizer(pretraining_texts(spec), vocab_size=300)
+    model = build_model(spec, tokenizer, seed=0)
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

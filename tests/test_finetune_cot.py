@@ -17,20 +17,6 @@ SCRIPT = os.path.join(REPO, "scripts", "finetune_cot.py")
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised 2-layer Llama and its BPE tokenizer, saved like any local model."""
-    from nso_hf.cot.tiny_base_model import TinyBaseSpec, build_model, build_tokenizer, pretraining_texts
-
-    spec = TinyBaseSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, corpus_size=300)
-    tokenizer = build_tokenizer(pretraining_texts(spec), vocab_size=300)
-    model = build_model(spec, tokenizer, seed=0)
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_yaml_config_and_command_line_override(tmp_path):
     from finetune_cot import parse_arguments
 
