@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup deepspeed test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench clean
+.PHONY: setup deepspeed lint test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # DeepSpeed, for the sharded-engine tests (it is also the `deepspeed` extra). Without build isolation:
@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 # collective kernel is compiled once here (about a minute), not by two test processes racing each other.
 DEEPSPEED ?= deepspeed==0.19.8
 DS_STAMP  := $(VENV)/.deepspeed
+# Compiled kernels live with the venv: another checkout's build would otherwise invalidate the cache.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 deepspeed: $(DS_STAMP)
 $(DS_STAMP): $(STAMP)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c constraints.txt "$(DEEPSPEED)"
@@ -35,6 +37,10 @@ $(DS_STAMP): $(STAMP)
 TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 test: $(STAMP) $(DS_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+# ruff (pinned in constraints.txt): pyflakes, pycodestyle, import order, one typing style; config in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The same without the launcher tests (torchrun, sharded engines): a quick loop while editing.
 test-fast: $(STAMP)

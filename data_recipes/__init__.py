@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from data_recipes.aqua_rat import AquaRatRecipe
 from data_recipes.answers import extract_answer, normalize_answer
+from data_recipes.aqua_rat import AquaRatRecipe
 from data_recipes.base import LoadReport, Recipe
 from data_recipes.commonsense_qa import CommonsenseQARecipe
 from data_recipes.cot_json import CoTJsonRecipe

@@ -9,7 +9,7 @@ happen here, once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from data_recipes.answers import ANSWER_KINDS, extract_answer, guess_answer_kind, is_answer_of_kind, normalize_answer
 from data_recipes.sources import is_local_source, iter_rows
@@ -79,7 +79,7 @@ class Recipe:
 
     name: ClassVar[str] = ""
     answer_kind: ClassVar[str] = "text"
-    hub_config: ClassVar[Optional[str]] = None
+    hub_config: ClassVar[str | None] = None
 
     def __init__(self, on_bad_row: str = "raise") -> None:
         if on_bad_row not in BAD_ROW_POLICIES:
@@ -87,7 +87,7 @@ class Recipe:
         if self.answer_kind not in ANSWER_KINDS:
             raise ValueError(f"answer_kind must be one of {ANSWER_KINDS}, got {self.answer_kind!r}.")
         self.on_bad_row = on_bad_row
-        self.last_report: Optional[LoadReport] = None
+        self.last_report: LoadReport | None = None
 
     def parse_row(self, row: dict[str, Any]) -> dict[str, str]:
         """Map one raw row to {"question", "rationale", "answer"}; raise `RowError` if it cannot."""
@@ -145,7 +145,7 @@ class Recipe:
                 pass
         return rows_read
 
-    def load(self, source: str, split: str = "train", max_samples: Optional[int] = None):
+    def load(self, source: str, split: str = "train", max_samples: int | None = None):
         """Read `source` (a local .jsonl/.json/.parquet path or a Hub id) into a `datasets.Dataset`.
 
         Args:

@@ -6,12 +6,12 @@ This is the layout `Recipe.load` itself returns, and what distilled-CoT releases
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from data_recipes.base import Recipe, require_text
 
 
-def is_cot_json_row(row: dict[str, Any], own_answer_field: Optional[str] = None) -> bool:
+def is_cot_json_row(row: dict[str, Any], own_answer_field: str | None = None) -> bool:
     """True when a raw row uses the common layout.
 
     Args:

@@ -10,7 +10,7 @@ rationale + answer + EOS only. Generation at evaluation uses `build_prompt`, the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 TEMPLATES = ("auto", "plain", "chat")
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -75,9 +75,9 @@ def tokenize_example(
     answer: str,
     tokenizer: Any,
     template: str,
-    max_length: Optional[int] = None,
+    max_length: int | None = None,
     overlong: str = "truncate",
-) -> tuple[Optional[dict[str, list[int]]], str]:
+) -> tuple[dict[str, list[int]] | None, str]:
     """Features of one example and what happened to it.
 
     Args:
@@ -113,7 +113,7 @@ def format_for_training(
     dataset: Any,
     tokenizer: Any,
     template: str = "auto",
-    max_length: Optional[int] = None,
+    max_length: int | None = None,
     overlong: str = "truncate",
 ):
     """Tokenize a recipe's dataset for causal-LM fine-tuning with the prompt masked.

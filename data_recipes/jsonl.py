@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from data_recipes.base import Recipe, require_text
 
@@ -23,7 +23,7 @@ class JsonlRecipe(Recipe):
     def __init__(
         self,
         question_field: str = "question",
-        rationale_field: Optional[str] = "rationale",
+        rationale_field: str | None = "rationale",
         answer_field: str = "answer",
         answer_kind: str = "text",
         on_bad_row: str = "raise",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -68,16 +68,15 @@ def iter_local_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, row
 
 
-def iter_hub_rows(hub_id: str, config: Optional[str], split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_hub_rows(hub_id: str, config: str | None, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (row number, row) of a Hub dataset split through `datasets.load_dataset` (needs network or cache)."""
     import datasets
 
     dataset = datasets.load_dataset(hub_id, config, split=split)
-    for number, row in enumerate(dataset, start=1):
-        yield number, row
+    yield from enumerate(dataset, start=1)
 
 
-def iter_rows(source: str, hub_config: Optional[str], split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_rows(source: str, hub_config: str | None, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows of a local file, or of a Hub dataset when `source` is not a local path."""
     if is_local_source(source):
         return iter_local_rows(source)

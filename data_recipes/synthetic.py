@@ -13,7 +13,7 @@ import json
 import random
 import zlib
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from data_recipes.base import COLUMNS, LoadReport, Recipe
 
@@ -115,7 +115,7 @@ class SyntheticRecipe(Recipe):
         self.sizes = {"train": num_train, "test": num_test, "ood": num_ood}
         self.seed = seed
 
-    def generate(self, split: str, num_examples: Optional[int] = None) -> list[dict[str, str]]:
+    def generate(self, split: str, num_examples: int | None = None) -> list[dict[str, str]]:
         """The examples of `split`, deterministic in (seed, split, knobs)."""
         if split not in SPLITS:
             raise ValueError(f"Unknown synthetic split {split!r}; use one of {SPLITS}.")
@@ -144,7 +144,7 @@ class SyntheticRecipe(Recipe):
     def parse_row(self, row: dict[str, Any]) -> dict[str, str]:
         return {name: str(row[name]) for name in COLUMNS}
 
-    def load(self, source: str = "train", split: str = "train", max_samples: Optional[int] = None):
+    def load(self, source: str = "train", split: str = "train", max_samples: int | None = None):
         """`source` names the split to generate: "train", "test" or "ood" (`split` is unused)."""
         import datasets
 
@@ -152,7 +152,7 @@ class SyntheticRecipe(Recipe):
         self.last_report = LoadReport(source=f"synthetic:{source}", kept=len(examples))
         return datasets.Dataset.from_dict({name: [e[name] for e in examples] for name in COLUMNS})
 
-    def write_gsm8k_jsonl(self, path: str, split: str, num_examples: Optional[int] = None) -> int:
+    def write_gsm8k_jsonl(self, path: str, split: str, num_examples: int | None = None) -> int:
         """Write `split` in the GSM8K file layout ({"question", "answer": "rationale\\n#### N"}); returns rows."""
         examples = self.generate(split, num_examples)
         with open(path, "w", encoding="utf-8") as handle:

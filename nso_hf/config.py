@@ -130,7 +130,9 @@ class NSOConfig:
         metadata={
             "help": "What a non-finite perturbed loss does (the weights are restored first either way). 'raise': stop "
             "with an error naming the step and sigma. 'skip': that pass contributes no gradient, a warning is "
-            "logged and counted in nso/skipped_passes.",
+            "logged and counted in nso/skipped_passes; and an optimizer step whose gradient norm is not finite "
+            "is skipped (no update, weight decay or moment change; counted in nso/skipped_steps; the LR "
+            "scheduler still advances).",
             "choices": list(NONFINITE_POLICIES),
         },
     )

@@ -17,7 +17,7 @@ SHARDED = ("FSDP1", "FSDP2", "DeepSpeed ZeRO-3")
 
 
 def engine_name(trainer: Any) -> str:
-    """"DeepSpeed ZeRO-<stage>", "FSDP1", "FSDP2" or "DDP/single" for a built `transformers.Trainer`."""
+    """The engine of a built `transformers.Trainer`: "DeepSpeed ZeRO-<stage>", "FSDP1", "FSDP2" or "DDP/single"."""
     if getattr(trainer, "is_deepspeed_enabled", False):
         return f"DeepSpeed ZeRO-{_zero_stage(trainer)}"
     if getattr(trainer, "is_distributed_loading_by_transformers", False):

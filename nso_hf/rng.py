@@ -21,7 +21,7 @@ class GlobalRNGState:
     cuda: list[torch.Tensor] | None
 
     @classmethod
-    def capture(cls) -> "GlobalRNGState":
+    def capture(cls) -> GlobalRNGState:
         # Only initialised CUDA is read: querying it would otherwise start a CUDA context.
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         return cls(cpu=torch.get_rng_state(), cuda=cuda)

@@ -32,7 +32,7 @@ from nso_hf.compat import (
 from nso_hf.config import MERGED_METHODS, NOISE_METHODS, NSOConfig
 from nso_hf.engines import check_engine, engine_name
 from nso_hf.merged import lora_targets, merged_row_rms
-from nso_hf.noise import Perturbation, draw_seed, is_sharded, local_tensor, select_parameters
+from nso_hf.noise import Perturbation, draw_seed, filter_parameters, is_sharded, local_tensor, select_parameters
 from nso_hf.passes import Pass, pass_plan, scale_gradient
 from nso_hf.ramp import noise_ramp_factor
 from nso_hf.rng import GlobalRNGState
@@ -181,7 +181,7 @@ class NSOMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Never write non-finite weights: a run that diverged says so instead of saving NaN adapters.
         # Local check only (no collective: a user may call save_model on one rank).
-        for name, param in self._nso_parameters(self.model_wrapped or self.model):
+        for name, param in filter_parameters((self.model_wrapped or self.model).named_parameters()):
             local = local_tensor(param)
             if local.numel() and not torch.isfinite(local).all():
                 raise NonFiniteLossError(

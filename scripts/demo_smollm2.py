@@ -10,7 +10,10 @@ For any other settings use `scripts/finetune_cot.py --preset smollm2 ...`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cot_demo_smollm2.yaml")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -27,7 +30,7 @@ def main(argv: list[str]) -> None:
     args = make_parser().parse_args(argv)  # --help prints and exits before anything loads
     from nso_hf.cot.demo import run_cot_demo
 
-    run_cot_demo(preset="smollm2", output_dir=args.output_dir)
+    run_cot_demo(CONFIG, output_dir=args.output_dir)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Chain-of-thought fine-tuning of a causal LM with NSO (or RWP, SAM, ASAM, Flat-LoRA, or a plain Trainer).
+"""Chain-of-thought fine-tuning of a causal LM with NSO (or RWP, or a plain Trainer baseline).
 
 With no arguments it runs the embedded offline default: a tiny Llama pretrained on synthetic
 arithmetic (cached), LoRA fine-tuned with Trainer and with NSOTrainer, and a table of accuracy
@@ -23,24 +23,14 @@ Options: `python scripts/finetune_cot.py --help`.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from transformers import HfArgumentParser, TrainingArguments
+from nso_hf.cli import parse_with_config
+from nso_hf.cot.arguments import make_parser
 
-from nso_hf.cli import add_config_argument, parse_with_config
-from nso_hf.config import NSOConfig
-from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
-
-
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments),
-        description="Chain-of-thought fine-tuning with NSO, RWP, SAM, ASAM, Flat-LoRA, merged NSO or a plain Trainer (docs/cot.md, docs/methods.md). With no "
-        "arguments: the offline demo (make demo). --resume_from_checkpoint takes a checkpoint folder, or 'true' "
-        "for the newest complete one in --output_dir.",
-    )
-    add_config_argument(parser)
-    return parser
+# The embedded default (`make demo`): a YAML file in the format of --config.
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cot_demo_tiny.yaml")
 
 
 def parse_arguments(argv: list[str]) -> tuple:
@@ -53,7 +43,7 @@ def main(argv: list[str]) -> None:
     if not argv:
         from nso_hf.cot.demo import run_cot_demo
 
-        run_cot_demo()
+        run_cot_demo(DEMO_CONFIG)
         return
     from nso_hf.cot.checks import InputError
     from nso_hf.cot.finetune import run_cot_finetune

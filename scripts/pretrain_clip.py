@@ -18,12 +18,13 @@ Launch:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from nso_hf.cli import add_config_argument, parse_with_config
 from nso_hf import NSOConfig
+from nso_hf.cli import add_config_argument, parse_with_config
 from nso_hf.clip.arguments import (
     CLIPDataArguments,
     CLIPModelArguments,
@@ -35,25 +36,8 @@ from nso_hf.clip.pipeline import format_table, run_methods
 
 logger = logging.getLogger("pretrain_clip")
 
-# Defaults of this script where they differ from TrainingArguments'. Sized for the digits demo on a
-# 2-core CPU: 1,438 train images at batch 64 is 23 steps per epoch.
-SCRIPT_DEFAULTS = dict(
-    output_dir="outputs/clip",
-    per_device_train_batch_size=64,
-    per_device_eval_batch_size=64,
-    learning_rate=2e-3,  # a tiny model trained from scratch tolerates a high rate
-    weight_decay=0.1,  # CLIP's setting
-    warmup_steps=20,
-    lr_scheduler_type="cosine",
-    num_train_epochs=30,  # 690 steps: both methods reach over 90% zero-shot accuracy on the digits
-    logging_steps=50,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    dataloader_num_workers=0,
-    remove_unused_columns=False,  # the collator needs the image and caption columns
-    disable_tqdm=True,
-)
+# This script's defaults where they differ from the dataclasses': a YAML file in the format of --config.
+DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "clip_digits.yaml")
 
 DATACLASSES = (CLIPModelArguments, CLIPDataArguments, CLIPRunArguments, TrainingArguments, NSOConfig)
 
@@ -71,7 +55,7 @@ def parse(argv: list[str]) -> tuple[tuple, set[str]]:
         (the five dataclasses, the argument names the user gave in the YAML or on the command line).
     """
     (model_args, data_args, run_args, training_args, nso_config), explicit = parse_with_config(
-        make_parser(), argv, defaults=SCRIPT_DEFAULTS
+        make_parser(), argv, base_config=DEFAULTS
     )
     if "method" in explicit:  # one method; without --method, every compare_methods entry
         run_args.method = nso_config.method

@@ -32,6 +32,7 @@ from nso_hf.trainer import NonFiniteLossError  # noqa: E402
 ENGINE, OUT = sys.argv[1], sys.argv[2]
 RANK = int(os.environ["RANK"])
 STEPS = 3
+DEVICE = os.environ.get("NSO_ENGINE_DEVICE", "cpu")  # scripts/gpu_check.py runs the same scenarios on "cuda"
 
 
 def engine_args(grad_accum: int) -> dict[str, Any]:
@@ -56,7 +57,8 @@ def engine_args(grad_accum: int) -> dict[str, Any]:
         "sync_module_states": False,  # FSDP1 on CPU: its broadcast path assumes a GPU
         "state_dict_type": "FULL_STATE_DICT",
     }
-    return {"fsdp": "full_shard", "fsdp_config": fsdp_config, "use_cpu": True, "ddp_backend": "gloo"}
+    cpu = DEVICE == "cpu"
+    return {"fsdp": "full_shard", "fsdp_config": fsdp_config, "use_cpu": cpu, "ddp_backend": "gloo" if cpu else "nccl"}
 
 
 def args(out: str, grad_accum: int = 1, **overrides: Any) -> TrainingArguments:
@@ -99,7 +101,7 @@ def trainable(trainer: Trainer) -> list[tuple[str, torch.nn.Parameter]]:
 
 def local_copy(trainer: Trainer) -> dict[str, torch.Tensor]:
     """This rank's storage of every trainable parameter: its shard or partition under FSDP/ZeRO-3."""
-    return {n: local_tensor(p).detach().float().clone() for n, p in trainable(trainer)}
+    return {n: local_tensor(p).detach().float().cpu().clone() for n, p in trainable(trainer)}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -282,10 +284,10 @@ def full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            return {n: p.detach().float().clone() for n, p in named}
+            return {n: p.detach().float().cpu().clone() for n, p in named}
     if ENGINE == "fsdp2":
-        return {n: p.full_tensor().detach().float().clone() for n, p in named}
-    return {n: p.detach().float().clone() for n, p in named}
+        return {n: p.full_tensor().detach().float().cpu().clone() for n, p in named}
+    return {n: p.detach().float().cpu().clone() for n, p in named}
 
 
 def scenario_resume(lora: bool) -> dict[str, Any]:
@@ -384,6 +386,52 @@ def scenario_relative_scale() -> dict[str, Any]:
     return {"max_gap": max(gaps), "tensors": len(gaps)}
 
 
+def unsharded_gradient_bytes(trainer: Trainer) -> int:
+    """Bytes of unsharded gradient this rank holds now (FSDP keeps them under no_sync)."""
+    total = 0
+    if ENGINE == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in trainer.model_wrapped.modules():
+            if isinstance(module, FSDPModule):
+                for group in module._get_fsdp_state()._fsdp_param_groups:
+                    for fp in group.fsdp_params:
+                        unsharded = getattr(fp, "_unsharded_param", None)
+                        for g in (fp.unsharded_accumulated_grad, None if unsharded is None else unsharded.grad):
+                            total += 0 if g is None else g.numel() * g.element_size()
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        for module in FullyShardedDataParallel.fsdp_modules(trainer.model_wrapped):
+            flat = module._handle.flat_param if module._handle is not None else None
+            if flat is not None and flat.grad is not None and flat.grad.numel() != flat.numel():
+                total += flat.grad.numel() * flat.grad.element_size()
+    return total
+
+
+def scenario_held_gradients() -> dict[str, int]:
+    """What deferring the reduce-scatter costs: unsharded gradients held between the passes."""
+    seen: list[int] = []
+    probe, counter = StepProbe(), CountCollectives()
+    trainer = NSOTrainer(
+        model=model(False), args=args("held", max_steps=1), train_dataset=lm_examples(64, seed=3),
+        callbacks=[probe, counter], nso_config=NSOConfig(sigma=0.01),
+    )  # fmt: skip
+    probe.trainer = trainer
+    calls = []
+
+    def before_forward(module, inputs):
+        calls.append(1)
+        if len(calls) == 2:  # the second pass starts: the first one's gradient is held unsharded
+            seen.append(unsharded_gradient_bytes(trainer))
+
+    trainer.model.register_forward_pre_hook(before_forward)
+    trainer.train()
+    sharded = sum(local_tensor(p).numel() * local_tensor(p).element_size() for _, p in trainable(trainer))
+    full = sum(p.numel() * 4 for p in tiny_llama(seed=0).parameters())
+    return {"held_between_passes": seen[0], "sharded_gradient": sharded, "full_model_fp32": full}
+
+
 SCENARIOS = {
     "sigma0_full_ga1": lambda: scenario_sigma0(lora=False, grad_accum=1),
     "sigma0_full_ga2": lambda: scenario_sigma0(lora=False, grad_accum=2),
@@ -398,6 +446,8 @@ if ENGINE in ("fsdp2", "zero2"):  # rows stay whole
     SCENARIOS["noise_lora_relative"] = lambda: scenario_noise(lora=True, noise_scale="relative")
 if ENGINE == "fsdp2":
     SCENARIOS["relative_scale"] = scenario_relative_scale
+if ENGINE.startswith("fsdp"):
+    SCENARIOS["held_gradients"] = scenario_held_gradients
 SCENARIOS["refusals"] = scenario_refusals
 SCENARIOS["nonfinite"] = scenario_nonfinite  # last: a raising trainer may leave its engine half-used
 

@@ -15,9 +15,9 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import lm_examples, tiny_llama  # noqa: E402
-
 from nso_hf.flatness import hessian_trace, loss_curve  # noqa: E402
+
+from conftest import lm_examples, tiny_llama  # noqa: E402
 
 NUM_PROBES = 4
 ALPHAS = [-0.5, 0.0, 0.5]

@@ -18,23 +18,11 @@ import warnings
 import pytest
 import torch
 
+from conftest import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 sys.path.insert(0, SCRIPTS)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised 2-layer Llama (256 positions) and its BPE tokenizer, saved like any local model."""
-    from nso_hf.cot.tiny_base_model import TinyBaseSpec, build_model, build_tokenizer, pretraining_texts
-
-    spec = TinyBaseSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, corpus_size=300)
-    tokenizer = build_tokenizer(pretraining_texts(spec), vocab_size=300)
-    model = build_model(spec, tokenizer, seed=0)
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def cot_argv(model_dir, output_dir, *extra):
@@ -48,9 +36,9 @@ def cot_argv(model_dir, output_dir, *extra):
 
 
 def run(argv):
-    from finetune_cot import parse_arguments
-
     from nso_hf.cot.finetune import run_cot_finetune
+
+    from finetune_cot import parse_arguments
 
     return run_cot_finetune(*parse_arguments(argv))
 
@@ -208,17 +196,9 @@ def test_resume_checkpoint_errors(tmp_path):
         resolve_resume_checkpoint(str(out / "checkpoint-2"), str(out / "checkpoint-2"))
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def _torchrun(model_dir, output_dir, *extra):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(SCRIPTS, "finetune_cot.py"), *cot_argv(model_dir, output_dir, *extra),
         "--use_cpu", "true", "--ddp_backend", "gloo", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3",
     ]  # fmt: skip
@@ -228,6 +208,7 @@ def _torchrun(model_dir, output_dir, *extra):
     return done.stdout
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_resume_true_matches_uninterrupted(tiny_model_dir, tmp_path):
     full_log = _torchrun(tiny_model_dir, tmp_path / "full")
     interrupted = tmp_path / "interrupted"
@@ -422,14 +403,15 @@ def test_unknown_recipe_raises_from_the_api():
 def test_demo_shows_trainer_progress():
     from nso_hf.cot.demo import demo_arguments
 
-    training_args = demo_arguments("nso", "tiny", "outputs/x", None)[2]
+    training_args = demo_arguments("nso", os.path.join(SCRIPTS, "configs", "cot_demo_tiny.yaml"), "outputs/x", None)[2]
     assert training_args.disable_tqdm is False
 
 
+@pytest.mark.distributed
 def test_torchrun_every_rank_stops_on_bad_data_before_loading(tiny_model_dir, tmp_path):
     wrong = write_jsonl(tmp_path / "yesno.jsonl", [{"question": f"q{i}?", "rationale": "r", "answer": "No"} for i in range(4)])
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(SCRIPTS, "finetune_cot.py"), *cot_argv(tiny_model_dir, tmp_path / "out"),
         "--recipe", "gsm8k", "--train_source", wrong, "--use_cpu", "true", "--ddp_backend", "gloo",
     ]  # fmt: skip

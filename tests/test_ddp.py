@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.distributed
+
 sys.path.insert(0, os.path.dirname(__file__))
 import ddp_worker  # noqa: E402
 

@@ -154,6 +154,13 @@ def test_collectives_per_optimizer_step(runs, engine):
             assert per_step(nso, *gathers) > per_step(plain, *gathers), (scenario, plain, nso)
 
 
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
+def test_fsdp_holds_unsharded_gradients_between_passes(runs, engine):
+    """The price of one reduce-scatter per step: the earlier pass's gradient is kept unsharded."""
+    r = runs[engine]["held_gradients"]
+    assert r["held_between_passes"] > r["sharded_gradient"] > 0, r
+
+
 # ---------------------------------------------------------------- the other methods (docs/methods.md)
 @pytest.mark.parametrize("method", ["flat_lora", "nso_merged"])
 def test_methods_at_zero_strength_equal_trainer_under_zero2(runs, method):

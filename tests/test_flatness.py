@@ -34,6 +34,7 @@ from nso_hf.flatness import (
 )
 from nso_hf.flatness.mode import measurement_mode
 
+from conftest import Quadratic, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -79,27 +80,12 @@ def trained_mlp():
     return mlp, batches, hessian
 
 
-class Quadratic(nn.Module):
-    """loss = 1/2 w^T A w + b^T w over w = (w1, w2), with b from the batch: Hessian A exactly."""
-
-    def __init__(self, a: torch.Tensor, sizes: tuple[int, int]) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(sizes[0], dtype=torch.float64))
-        self.w2 = nn.Parameter(torch.randn(sizes[1], dtype=torch.float64))
-        self.register_buffer("a", a)
-
-    def forward(self, b: torch.Tensor) -> SimpleNamespace:
-        w = torch.cat([self.w1, self.w2])
-        return SimpleNamespace(loss=0.5 * w @ self.a @ w + b @ w)
-
-
 @pytest.fixture
 def quadratic():
     gen = torch.Generator().manual_seed(1)
     m = torch.randn(7, 7, dtype=torch.float64, generator=gen)
     a = m @ m.T / 7 + torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64))  # SPD, distinct eigenvalues
-    torch.manual_seed(2)
-    model = Quadratic(a, (3, 4))
+    model = Quadratic(a=a, sizes=(3, 4), linear=False, seed=2)  # loss 1/2 w^T A w + b^T w, b from the batch
     batches = [{"b": torch.randn(7, dtype=torch.float64)} for _ in range(2)]
     return model, batches, a
 
@@ -373,14 +359,7 @@ def test_batch_without_loss_needs_loss_fn():
 
 def test_peft_lora_measures_adapters_under_sdpa():
     peft = pytest.importorskip("peft")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    base = LlamaForCausalLM(config)  # transformers picks SDPA, which has no double backward
+    base = tiny_llama(seed=5, dropout=0.0, attention="sdpa", max_positions=32)  # SDPA has no double backward
     lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():  # B starts at 0; move it so the adapters' Hessian is not degenerate
         for name, p in lora.named_parameters():
@@ -409,11 +388,12 @@ def test_peft_lora_measures_adapters_under_sdpa():
 
 @pytest.mark.parametrize("trainer_kind", ["Trainer", "NSOTrainer"])
 def test_callback_logs_flatness_through_trainer(tmp_path, trainer_kind):
-    from conftest import lm_examples, tiny_llama, training_args
     from transformers import Trainer
 
     from nso_hf import NSOConfig, NSOTrainer
     from nso_hf.callbacks import FlatnessCallback
+
+    from conftest import lm_examples, tiny_llama, training_args
 
     model = tiny_llama(seed=0)
     probe_batches = [{k: torch.stack([e[k] for e in lm_examples(4, seed=9)]) for k in ("input_ids", "labels")}]
@@ -468,6 +448,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_distributed_estimates_average_across_ranks(tmp_path, trained_mlp):
     """Two gloo processes, one batch each, give the estimate of one process holding both batches."""
     import torch.multiprocessing as mp
@@ -550,9 +531,9 @@ def test_hvp_auto_is_exact_for_16_bit_weights():
 
 def test_report_enters_one_measurement(monkeypatch):
     """Selection, batch moves and the attention switch happen once for all the report's estimators."""
-    from conftest import lm_examples, tiny_llama
-
     import nso_hf.flatness.context as context
+
+    from conftest import lm_examples, tiny_llama
 
     model = tiny_llama(seed=0, dropout=0.0)
     model.set_attn_implementation("sdpa")

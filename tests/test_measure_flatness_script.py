@@ -11,11 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 from nso_hf import NSOConfig
 from nso_hf.flatness import compare
 from nso_hf.flatness.report import REPORT_KEYS
+
+from conftest import byte_level_tokenizer, tiny_llama_config
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "measure_flatness.py")
 ENTRY_KEYS = {"label", "checkpoint", "kind", "num_batches", *REPORT_KEYS}
@@ -33,26 +35,11 @@ def script():
     )
 
 
-def byte_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
-
-
 def tiny_checkpoint(path, tokenizer, seed: int, train_steps: int, texts: list[str]) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+    model = LlamaForCausalLM(
+        tiny_llama_config(vocab_size=len(tokenizer), max_positions=64, pad_token_id=tokenizer.pad_token_id)
     )
-    model = LlamaForCausalLM(config)
     enc = tokenizer(texts[:8], return_tensors="pt", padding=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=False)
@@ -72,7 +59,7 @@ def test_argument_names_do_not_clash_with_trainer_or_nso(script):
 
 
 def test_script_writes_json_and_png_for_two_checkpoints(tmp_path, script):
-    tokenizer = byte_tokenizer(script.DEFAULT_TEXTS)
+    tokenizer = byte_level_tokenizer(script.DEFAULT_TEXTS)
     init_dir, trained_dir = tmp_path / "init", tmp_path / "trained"
     tiny_checkpoint(init_dir, tokenizer, seed=0, train_steps=0, texts=script.DEFAULT_TEXTS)
     tiny_checkpoint(trained_dir, tokenizer, seed=0, train_steps=30, texts=script.DEFAULT_TEXTS)
@@ -110,7 +97,7 @@ def test_script_writes_json_and_png_for_two_checkpoints(tmp_path, script):
 def test_script_measures_adapter_checkpoint(tmp_path, script, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    tokenizer = byte_tokenizer(script.DEFAULT_TEXTS)
+    tokenizer = byte_level_tokenizer(script.DEFAULT_TEXTS)
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     base = tiny_checkpoint(base_dir, tokenizer, seed=1, train_steps=0, texts=script.DEFAULT_TEXTS)
     lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

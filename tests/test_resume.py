@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-from conftest import lm_examples, params_of, tiny_llama, training_args
-
 from transformers import TrainerCallback
 
 from nso_hf import NSOConfig, NSOTrainer
+
+from conftest import lm_examples, params_of, tiny_llama, training_args
 
 
 class StopAt(TrainerCallback):

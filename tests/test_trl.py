@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import VOCAB, params_of, tiny_llama
 
 trl = pytest.importorskip("trl")

@@ -21,9 +21,9 @@ from transformers import CLIPModel, TrainingArguments
 from nso_hf.clip.collator import CLIPCollator
 from nso_hf.clip.evaluation import evaluate_clip, write_json
 from nso_hf.clip.logit_scale import DEFAULT_MAX_LOGIT_SCALE, LogitScaleClampCallback
-from nso_hf.timing import StepTimer
 from nso_hf.clip.trainers import nso_kwargs, trainer_class
 from nso_hf.config import NSOConfig
+from nso_hf.timing import StepTimer
 
 logger = logging.getLogger(__name__)
 

@@ -162,3 +162,21 @@ class LoraArguments:
         default=None,
         metadata={"help": "Module names to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)."},
     )
+
+
+def make_parser():
+    """The parser of `scripts/finetune_cot.py`: the five dataclasses plus `--config`."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from nso_hf.cli import add_config_argument
+    from nso_hf.config import NSOConfig
+
+    parser = HfArgumentParser(
+        (CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments),
+        description="Chain-of-thought fine-tuning with NSO, RWP, SAM, ASAM, Flat-LoRA, merged NSO or a plain "
+        "Trainer (docs/cot.md, docs/methods.md). With no "
+        "arguments: the offline demo (make demo). --resume_from_checkpoint takes a checkpoint folder, or 'true' "
+        "for the newest complete one in --output_dir.",
+    )
+    add_config_argument(parser)
+    return parser

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
+
 
 class InputError(ValueError):
     """Bad options or data, found before training: the message is the whole story (file, row or
@@ -43,7 +43,7 @@ def check_output_dir(path: str) -> None:
         ) from error
 
 
-def model_position_limit(model_name_or_path: str, gguf_file: Optional[str] = None) -> Optional[int]:
+def model_position_limit(model_name_or_path: str, gguf_file: str | None = None) -> int | None:
     """`max_position_embeddings` from the model's config alone (no weights are read); None if it has none."""
     from transformers import AutoConfig
 
@@ -53,7 +53,7 @@ def model_position_limit(model_name_or_path: str, gguf_file: Optional[str] = Non
     return int(limit) if limit else None
 
 
-def resolve_max_length(requested: Optional[int], limit: Optional[int], model: str) -> int:
+def resolve_max_length(requested: int | None, limit: int | None, model: str) -> int:
     """The training sequence length: `requested`, checked against the model's position limit.
 
     Args:

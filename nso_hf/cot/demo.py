@@ -12,52 +12,19 @@ SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
-
-from nso_hf.config import NSOConfig
-from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
-
-# Sized to finish within 5 minutes on 2 CPU cores, pretraining included (about 1 minute, once).
-DEMO_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "script": {"max_new_tokens": 72, "generation_batch_size": 100, "hessian_trace_probes": 20},
-        "data": {"synthetic_num_train": 2000, "synthetic_num_eval": 200, "max_length": 192, "template": "plain"},
-        "training": {"max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 10},
-        "lora": {"lora_r": 8, "lora_alpha": 16},
-    },
-    # A short run: 8 LoRA steps per method on the real 135M-parameter model, 16 evaluation problems.
-    "smollm2": {
-        "script": {"preset": "smollm2", "max_new_tokens": 64, "generation_batch_size": 16, "hessian_trace_probes": 0},
-        "data": {"synthetic_num_train": 200, "synthetic_num_eval": 16, "max_length": 256, "template": "auto"},
-        "training": {"max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 3e-4, "warmup_steps": 0},
-        "lora": {"lora_r": 8, "lora_alpha": 16},
-    },
-}
+from typing import Any
 
 
-def demo_arguments(method: str, preset: str, output_dir: str, cache_dir: Optional[str]) -> tuple:
-    """The five argument objects of one demo run."""
-    from transformers import TrainingArguments
+def demo_arguments(method: str, config: str, output_dir: str, cache_dir: str | None) -> tuple:
+    """The five argument objects of one demo run: the preset file, read as a user's `--config`."""
+    from nso_hf.cli import parse_with_config
+    from nso_hf.cot.arguments import make_parser
 
-    if preset not in DEMO_PRESETS:
-        raise ValueError(f"Unknown demo preset {preset!r}; use one of {sorted(DEMO_PRESETS)}.")
-    settings = DEMO_PRESETS[preset]
-    script_args = CoTScriptArguments(
-        base_model_cache_dir=cache_dir, save_final_model=False, **settings["script"]
-    )
-    data_args = CoTDataArguments(recipe="synthetic", **settings["data"])
-    training_args = TrainingArguments(
-        output_dir=os.path.join(output_dir, method),
-        lr_scheduler_type="cosine",
-        logging_steps=50,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=False,  # Trainer's progress bar, and one with the running accuracy at evaluation
-        **settings["training"],
-    )
-    return script_args, data_args, training_args, NSOConfig(method=method, sigma=0.01), LoraArguments(**settings["lora"])
+    argv = ["--config", config, "--method", method, "--output_dir", os.path.join(output_dir, method)]
+    if cache_dir is not None:
+        argv += ["--base_model_cache_dir", cache_dir]
+    arguments, _ = parse_with_config(make_parser(), argv)
+    return arguments
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -84,12 +51,19 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def run_cot_demo(
-    preset: str = "tiny",
+    config: str,
     output_dir: str = "outputs/cot_demo",
-    cache_dir: Optional[str] = None,
+    cache_dir: str | None = None,
     methods: tuple[str, ...] = ("none", "nso"),
 ) -> list[dict[str, Any]]:
-    """Run the comparison, print the table and write it to `output_dir/table.md`; returns each run's results."""
+    """Run the comparison, print the table and write it to `output_dir/table.md`; returns each run's results.
+
+    Args:
+        config: the preset, a YAML file in the format of `--config` (scripts/configs/cot_demo_*.yaml).
+        output_dir: one folder per method below it.
+        cache_dir: where the tiny base model is cached (default: the script's own default).
+        methods: the `--method` values compared.
+    """
     import torch
 
     from nso_hf.cot.finetune import run_cot_finetune
@@ -97,10 +71,11 @@ def run_cot_demo(
     # One thread: the tiny model's matrices gain little from a second one, and when the cores are
     # shared with other work, two threads spin-wait: measured on 2 busy cores (load 5), a tiny-model
     # step took 1-4 s with 2 threads and 0.13 s with 1.
+    runs = [demo_arguments(m, config, output_dir, cache_dir) for m in methods]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1 if preset == "tiny" else threads)
+    torch.set_num_threads(1 if runs[0][0].preset is None else threads)  # the tiny model: one thread
     try:
-        results = [run_cot_finetune(*demo_arguments(m, preset, output_dir, cache_dir)) for m in methods]
+        results = [run_cot_finetune(*arguments) for arguments in runs]
     finally:
         torch.set_num_threads(threads)
     table = format_table(results)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ def generate(
     template: str,
     max_new_tokens: int = 128,
     batch_size: int = 32,
-    on_batch: Optional[Callable[[list[tuple[str, bool]]], None]] = None,
+    on_batch: Callable[[list[tuple[str, bool]]], None] | None = None,
 ) -> list[tuple[str, bool]]:
     """Greedy completions of the prompts of `questions`, and whether each was cut off.
 
@@ -141,7 +142,7 @@ def evaluate_cot(
     recipe: Any,
     template: str,
     name: str,
-    output_dir: Optional[str] = None,
+    output_dir: str | None = None,
     max_new_tokens: int = 128,
     batch_size: int = 32,
     progress: bool = True,

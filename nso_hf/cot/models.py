@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 
 def smollm2_location() -> tuple[str, str]:
@@ -33,12 +33,12 @@ def smollm2_location() -> tuple[str, str]:
 
 
 def resolve_model_source(
-    model_name_or_path: Optional[str],
-    gguf_file: Optional[str],
-    preset: Optional[str],
-    base_model_cache_dir: Optional[str] = None,
+    model_name_or_path: str | None,
+    gguf_file: str | None,
+    preset: str | None,
+    base_model_cache_dir: str | None = None,
     tiny_pretrain_steps: int = 450,
-) -> tuple[str, Optional[str]]:
+) -> tuple[str, str | None]:
     """(path or Hub id, gguf file or None) of the model to fine-tune; builds the tiny default if needed."""
     if preset == "smollm2":
         return smollm2_location()
@@ -72,7 +72,7 @@ def dequantized_copy(model: Any) -> Any:
     return fresh
 
 
-def load_causal_lm(path: str, gguf_file: Optional[str] = None) -> tuple[Any, Any]:
+def load_causal_lm(path: str, gguf_file: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) from `path`; the tokenizer gets a pad token (EOS) when it has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,7 +89,7 @@ def load_causal_lm(path: str, gguf_file: Optional[str] = None) -> tuple[Any, Any
     return model, tokenizer
 
 
-def add_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: Optional[list[str]]) -> Any:
+def add_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str] | None) -> Any:
     """Wrap `model` in peft LoRA adapters; only the adapters train (and are perturbed by NSO).
 
     Args:

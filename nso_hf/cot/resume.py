@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = (
@@ -32,7 +31,7 @@ def is_complete_checkpoint(path: str) -> bool:
     return any(name in WEIGHT_FILES for name in names) or any(name.startswith("pytorch_model_fsdp") for name in names)
 
 
-def newest_complete_checkpoint(output_dir: str) -> Optional[str]:
+def newest_complete_checkpoint(output_dir: str) -> str | None:
     """The complete `checkpoint-N` folder of `output_dir` with the highest N, or None."""
     if not os.path.isdir(output_dir):
         return None
@@ -44,7 +43,7 @@ def newest_complete_checkpoint(output_dir: str) -> Optional[str]:
     return None
 
 
-def resolve_resume_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
+def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
     """The checkpoint folder to resume from, or None to start afresh.
 
     Args:

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -176,7 +176,7 @@ def pretrain(model: torch.nn.Module, tokenizer: Any, texts: list[str], spec: Tin
     return losses
 
 
-def tiny_base_model_path(spec: Optional[TinyBaseSpec] = None, cache_dir: Optional[str] = None) -> str:
+def tiny_base_model_path(spec: TinyBaseSpec | None = None, cache_dir: str | None = None) -> str:
     """Path of the pretrained tiny base model, building and caching it on first use.
 
     Args:

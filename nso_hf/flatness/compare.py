@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import HfArgumentParser
@@ -56,23 +56,23 @@ class MeasureFlatnessArguments:
         default_factory=list,
         metadata={"help": "Checkpoint folders: full models (save_pretrained) or peft adapter folders. At least one."},
     )
-    labels: Optional[list[str]] = field(
+    labels: list[str] | None = field(
         default=None, metadata={"help": "A name per checkpoint for the JSON and the plot (default: folder names)."}
     )
-    base_model: Optional[str] = field(
+    base_model: str | None = field(
         default=None,
         metadata={
             "help": "Base model folder of adapter checkpoints (default: the adapter's base_model_name_or_path)."
         },
     )
-    reference_checkpoint: Optional[str] = field(
+    reference_checkpoint: str | None = field(
         default=None,
         metadata={
             "help": "W_init for the PAC-Bayes quantity: the pretrained model for full checkpoints, or an adapter "
             "folder saved at initialisation for adapters. Without it that entry is null."
         },
     )
-    data_file: Optional[str] = field(
+    data_file: str | None = field(
         default=None,
         metadata={"help": "JSONL file, or JSON list, of objects with --text_field. Default: embedded sentences."},
     )
@@ -135,7 +135,7 @@ def parse(argv: list[str]) -> MeasureFlatnessArguments:
     return args
 
 
-def read_texts(path: Optional[str], text_field: str) -> list[str]:
+def read_texts(path: str | None, text_field: str) -> list[str]:
     """Texts of a JSONL file or JSON list (objects with `text_field`, or plain strings); default sentences."""
     if path is None:
         return list(DEFAULT_TEXTS)

@@ -101,7 +101,7 @@ def estimate_top_eigenvalues(
             project(v)
             normalise(v)
             lam_prev, lam, residual, done, it = None, 0.0, float("nan"), False, 0
-            for it in range(1, max_iter + 1):
+            for it in range(1, max_iter + 1):  # noqa: B007  (`it` is read after the loop: iterations used)
                 hv = op.matvec(v)
                 project(hv)
                 lam = m.dot(v, hv)
