@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Optional
+from typing import Literal
 
 NOISE_SCALES = ("absolute", "relative")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -64,7 +64,7 @@ class NSOConfig:
         default=1,
         metadata={"help": "k: noise draws per micro-batch. Each costs 2 forward+backward passes (1 for rwp and flat_lora)."},
     )
-    two_point: Optional[bool] = field(
+    two_point: bool | None = field(
         default=None,
         metadata={
             "help": "Older spelling of the method: False turns nso into rwp (and nso_merged into flat_lora). "
@@ -79,7 +79,7 @@ class NSOConfig:
             "not run at all; above 0 it costs one more pass and logs nso/clean_loss and nso/sharpness."
         },
     )
-    noise_scale: Optional[Literal["absolute", "relative"]] = field(
+    noise_scale: Literal["absolute", "relative"] | None = field(
         default=None,
         metadata={
             "help": "'absolute': U ~ N(0, sigma^2), the same for every tensor (the paper). 'relative': each output row "
@@ -99,18 +99,18 @@ class NSOConfig:
             "choices": list(NOISE_RAMPS),
         },
     )
-    perturb_include: Optional[list[str]] = field(
+    perturb_include: list[str] | None = field(
         default=None,
         metadata={
             "help": "Regular expressions (re.search on the parameter name); when set, only trainable parameters "
             "matching one of them are perturbed. Default: every parameter with requires_grad (with peft: the adapters)."
         },
     )
-    perturb_exclude: Optional[list[str]] = field(
+    perturb_exclude: list[str] | None = field(
         default=None,
         metadata={"help": "Regular expressions of parameter names never perturbed, e.g. 'norm' 'bias'."},
     )
-    noise_seed: Optional[int] = field(
+    noise_seed: int | None = field(
         default=None,
         metadata={
             "help": "Seed of the noise generator (default: TrainingArguments.seed). The noise of each draw is a pure "

@@ -21,13 +21,14 @@ from cpu_engines import patch_accelerate_for_cpu_engines  # noqa: E402
 patch_accelerate_for_cpu_engines()
 
 import torch  # noqa: E402
-from conftest import lm_examples, tiny_llama  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from nso_hf import NSOConfig, NSOTrainer  # noqa: E402
 from nso_hf.noise import local_tensor  # noqa: E402
 from nso_hf.trainer import NonFiniteLossError  # noqa: E402
+
+from conftest import lm_examples, tiny_llama  # noqa: E402
 
 ENGINE, OUT = sys.argv[1], sys.argv[2]
 RANK = int(os.environ["RANK"])

@@ -15,11 +15,12 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from conftest import lm_examples, tiny_llama  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from nso_hf import NSOConfig, NSOTrainer  # noqa: E402
+
+from conftest import lm_examples, tiny_llama  # noqa: E402
 
 OUT = sys.argv[1]
 RANK = int(os.environ["RANK"])

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import Quadratic, first_batch, lm_examples, params_of, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Trainer
@@ -20,6 +19,8 @@ from nso_hf.merged import lora_targets, merged_row_rms
 from nso_hf.noise import draw_seed
 from nso_hf.ramp import noise_ramp_factor
 from nso_hf.sam import sam_perturbation
+
+from conftest import Quadratic, first_batch, lm_examples, params_of, tiny_llama
 
 LORA_METHODS = ("flat_lora", "nso_merged")
 
@@ -121,7 +122,7 @@ def test_zero_strength_reproduces_trainer(args_factory, method, grad_accum):
         if grad_accum == 1:
             assert torch.equal(ref[name], got[name]), name
         else:
-            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     init = params_of(build())
     assert sum(not torch.equal(init[n], got[n]) for n in init) >= 4  # training did move the weights
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]

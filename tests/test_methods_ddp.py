@@ -31,7 +31,10 @@ def ddp(tmp_path_factory):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     records = json.loads((out / "rank0.json").read_text())
-    weights = lambda name, rank: torch.load(out / f"{name}_rank{rank}.pt")
+
+    def weights(name: str, rank: int) -> dict[str, torch.Tensor]:
+        return torch.load(out / f"{name}_rank{rank}.pt")
+
     return records, weights
 
 

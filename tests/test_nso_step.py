@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Quadratic, first_batch, lm_examples, params_of, quadratic_examples, tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 
 from nso_hf import NSOConfig, NSOMixin, NSOTrainer
 from nso_hf.trainer import NonFiniteLossError
+
+from conftest import Quadratic, first_batch, lm_examples, params_of, quadratic_examples, tiny_llama
 
 
 def one_step_grad(trainer) -> None:
@@ -78,7 +79,7 @@ def test_sigma_zero_reproduces_trainer(args_factory, grad_accum, lora):
         else:
             # Across micro-batches the sums associate differently ((a + b/2) + b/2 vs a + b): last-bit
                 # noise, which Adam can lift to ~1e-4 of one update (lr 1e-2) where a gradient is near 0.
-            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     init = params_of(build())
     assert sum(not torch.equal(init[n], got[n]) for n in init) >= 4  # training did move the weights
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -17,7 +17,6 @@ from nso_hf.config import METHODS, NSOConfig, config_for_method
 from nso_hf.trainer import NSOMixin, NSOTrainer
 
 
-
 class GatheredLossTrainer(Trainer):
     """`Trainer` whose loss is CLIP's contrastive loss over the embeddings of all ranks."""
 

