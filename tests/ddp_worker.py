@@ -12,9 +12,12 @@ import sys
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from nso_hf import NSOConfig, NSOTrainer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import CountAllReduces  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -36,22 +39,6 @@ def dataset(n: int = GLOBAL_BATCH) -> list[dict[str, torch.Tensor]]:
     x = torch.randn(n, 4, generator=g)
     y = x.sum(-1).sin()
     return [{"x": x[i], "y": y[i]} for i in range(n)]
-
-
-class CountAllReduces(TrainerCallback):
-    """Registers a DDP comm hook that counts bucket all-reduces."""
-
-    def __init__(self):
-        self.trainer, self.calls = None, 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        def hook(process_group, bucket):
-            self.calls += 1
-            return default_hooks.allreduce_hook(process_group, bucket)
-
-        self.trainer.model_wrapped.register_comm_hook(None, hook)
 
 
 def train(out_dir: str, sigma: float, sync: bool, grad_accum: int, world_size: int) -> NSOTrainer:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -146,6 +146,22 @@ def first_batch(trainer) -> dict[str, torch.Tensor]:
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class CountAllReduces(TrainerCallback):
+    """Registers a DDP communication hook that counts gradient-bucket all-reduces (set `.trainer` first)."""
+
+    def __init__(self):
+        self.trainer, self.calls = None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def hook(process_group, bucket):
+            self.calls += 1
+            return default_hooks.allreduce_hook(process_group, bucket)
+
+        self.trainer.model_wrapped.register_comm_hook(None, hook)
 
 
 def free_port() -> int:

@@ -16,31 +16,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from nso_hf import NSOConfig, NSOTrainer  # noqa: E402
 
-from conftest import lm_examples, tiny_llama  # noqa: E402
+from helpers import CountAllReduces, lm_examples, tiny_llama  # noqa: E402
 
 OUT = sys.argv[1]
 RANK = int(os.environ["RANK"])
 STEPS = 3
-
-
-class CountAllReduces(TrainerCallback):
-    """Registers a DDP comm hook that counts bucket all-reduces."""
-
-    def __init__(self):
-        self.trainer, self.calls = None, 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        def hook(process_group, bucket):
-            self.calls += 1
-            return default_hooks.allreduce_hook(process_group, bucket)
-
-        self.trainer.model_wrapped.register_comm_hook(None, hook)
 
 
 def model(lora: bool) -> torch.nn.Module:
