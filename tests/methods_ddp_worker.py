@@ -83,3 +83,8 @@ if __name__ == "__main__":
     results = {name: train(name, *spec) for name, spec in RUNS.items()}
     with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
         json.dump(results, f)
+
+    # Shut the process group down before exit: gloo's threads torn down by the interpreter's exit can
+    # abort the process ("terminate called without an active exception") after the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -11,6 +11,7 @@ from nso_hf import NSOConfig, NSOTrainer
 
 from conftest import first_batch, lm_examples, params_of, tiny_llama, training_args
 
+pytestmark = pytest.mark.slow  # `make test-slow` installs bitsandbytes
 bnb = pytest.importorskip("bitsandbytes")
 
 
