@@ -16,6 +16,7 @@ from helpers import (  # noqa: F401  (re-exported: tests import these from conft
     SEQ,
     VOCAB,
     Quadratic,
+    assert_same_weights,
     byte_level_tokenizer,
     first_batch,
     free_port,

@@ -148,6 +148,21 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def assert_same_weights(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], exact: bool) -> None:
+    """`got` equals `ref` bit for bit (`exact`), or to float rounding (rtol 1e-5, atol 1e-6).
+
+    Without gradient accumulation a zero-strength step is Trainer's bit for bit (a power-of-two pass
+    weight scales every gradient exactly); with it the sums associate differently ((a + b/2) + b/2 vs
+    a + b): last-bit noise, which Adam can lift to ~1e-4 of one update where a gradient is near 0.
+    """
+    assert got.keys() == ref.keys()
+    for name in ref:
+        if exact:
+            assert torch.equal(got[name], ref[name]), name
+        else:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 class CountAllReduces(TrainerCallback):
     """Registers a DDP communication hook that counts gradient-bucket all-reduces (set `.trainer` first)."""
 
