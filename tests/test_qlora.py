@@ -12,7 +12,6 @@ from nso_hf import NSOConfig, NSOTrainer
 from conftest import first_batch, lm_examples, params_of, tiny_llama, training_args
 
 pytestmark = pytest.mark.slow  # `make test-slow` installs bitsandbytes
-bnb = pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +22,7 @@ def base_dir(tmp_path_factory):
 
 
 def qlora(base_dir: str):
+    bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
