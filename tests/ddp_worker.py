@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 from nso_hf import NSOConfig, NSOTrainer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import CountAllReduces  # noqa: E402
+from helpers import CountAllReduces, finish_worker  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -75,8 +75,4 @@ if __name__ == "__main__":
     torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"allreduce_calls": trainer.allreduce_calls, "steps": trainer.state.global_step}, f)
-
-    # Shut the process group down before exit: gloo's threads torn down by the interpreter's exit can
-    # abort the process ("terminate called without an active exception") after the work is done.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_worker()  # results are written: leave without interpreter teardown (see helpers.py)

@@ -28,7 +28,7 @@ from nso_hf import NSOConfig, NSOTrainer  # noqa: E402
 from nso_hf.noise import local_tensor  # noqa: E402
 from nso_hf.trainer import NonFiniteLossError  # noqa: E402
 
-from conftest import lm_examples, tiny_llama  # noqa: E402
+from helpers import finish_worker, lm_examples, tiny_llama  # noqa: E402
 
 ENGINE, OUT = sys.argv[1], sys.argv[2]
 RANK = int(os.environ["RANK"])
@@ -547,8 +547,4 @@ if __name__ == "__main__":
     results = {name: SCENARIOS[name]() for name in only}
     with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
         json.dump(results, f)
-
-    # Shut the process group down before exit: gloo's threads torn down by the interpreter's exit can
-    # abort the process ("terminate called without an active exception") after the work is done.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_worker()  # results are written: leave without interpreter teardown (see helpers.py)

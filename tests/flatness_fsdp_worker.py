@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, os.path.dirname(__file__))
 from nso_hf.flatness import hessian_trace, loss_curve  # noqa: E402
 
-from conftest import lm_examples, tiny_llama  # noqa: E402
+from helpers import finish_worker, lm_examples, tiny_llama  # noqa: E402
 
 NUM_PROBES = 4
 ALPHAS = [-0.5, 0.0, 0.5]
@@ -65,3 +65,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish_worker()  # results are written: leave without interpreter teardown (see helpers.py)

@@ -179,6 +179,22 @@ class CountAllReduces(TrainerCallback):
         self.trainer.model_wrapped.register_comm_hook(None, hook)
 
 
+def finish_worker() -> None:
+    """End a launched worker once its results are written: no interpreter teardown.
+
+    Seen on CI: a rank whose work was done aborted at exit with "terminate called without an active
+    exception" (a native thread torn down by the interpreter's exit), failing the launch. The
+    process group is shut down, the streams flushed, and the process leaves with status 0 at once.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def free_port() -> int:
     """A TCP port free on this machine now (for a launcher's --master_port)."""
     with socket.socket() as sock:

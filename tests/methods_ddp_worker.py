@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from nso_hf import NSOConfig, NSOTrainer  # noqa: E402
 
-from helpers import CountAllReduces, lm_examples, tiny_llama  # noqa: E402
+from helpers import CountAllReduces, finish_worker, lm_examples, tiny_llama  # noqa: E402
 
 OUT = sys.argv[1]
 RANK = int(os.environ["RANK"])
@@ -83,8 +83,4 @@ if __name__ == "__main__":
     results = {name: train(name, *spec) for name, spec in RUNS.items()}
     with open(os.path.join(OUT, f"rank{RANK}.json"), "w") as f:
         json.dump(results, f)
-
-    # Shut the process group down before exit: gloo's threads torn down by the interpreter's exit can
-    # abort the process ("terminate called without an active exception") after the work is done.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_worker()  # results are written: leave without interpreter teardown (see helpers.py)
