@@ -20,6 +20,7 @@ from helpers import (  # noqa: F401  (re-exported: tests import these from conft
     byte_level_tokenizer,
     first_batch,
     free_port,
+    launch,
     lm_examples,
     load_script,
     params_of,

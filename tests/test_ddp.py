@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from conftest import launch
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +27,7 @@ def torchrun(out, sigma: float, sync: bool, grad_accum: int = 1) -> list[dict]:
         os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(out), str(sigma), "1" if sync else "0", str(grad_accum),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = launch(cmd, env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return [
         {"params": torch.load(out / f"rank{r}.pt"), **json.loads((out / f"rank{r}.json").read_text())} for r in range(2)

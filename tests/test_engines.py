@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+
+from conftest import launch
 
 pytestmark = pytest.mark.distributed
 
@@ -42,7 +43,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(HERE, "engine_worker.py"), engine, str(folder)]  # fmt: skip
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        done = launch(cmd, env, timeout=600)
         assert done.returncode == 0, f"{engine}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
         out[engine] = json.loads((folder / "rank0.json").read_text())
     return out

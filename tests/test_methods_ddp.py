@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from conftest import launch
 
 pytestmark = pytest.mark.distributed
 
@@ -28,7 +29,7 @@ def ddp(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "methods_ddp_worker.py"), str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = launch(cmd, env, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     records = json.loads((out / "rank0.json").read_text())
 
