@@ -269,16 +269,13 @@ class NSOMixin:
             )
         return e
 
-    def _nso_sharded(self, param: nn.Parameter) -> bool:
-        # FSDP1 (use_orig_params) exposes flat 1-D shard views that carry no mark of their own.
-        return engine_name(self) == "FSDP1" or is_sharded(param)
-
     def _nso_seed_table(self, named: list[tuple[str, nn.Parameter]], step: int, micro_step: int) -> list[list[int]]:
         """seeds[draw][tensor]: replicated tensors share the draw across ranks when asked; shards never do."""
         cfg = self.nso_config
         seed = cfg.noise_seed if cfg.noise_seed is not None else self.args.seed
         rank = self.args.process_index
-        ranks = [rank if (self._nso_sharded(p) or not cfg.sync_noise_across_ranks) else 0 for _, p in named]
+        fsdp1 = engine_name(self) == "FSDP1"  # flat 1-D shard views carry no mark of their own
+        ranks = [rank if (fsdp1 or is_sharded(p) or not cfg.sync_noise_across_ranks) else 0 for _, p in named]
         return [
             [draw_seed(seed, step, micro_step, r, j, t) for t, r in enumerate(ranks)]
             for j in range(cfg.num_perturbations)

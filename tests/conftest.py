@@ -25,11 +25,8 @@ from helpers import (  # noqa: F401  (re-exported: tests import these from conft
     load_script,
     params_of,
     quadratic_examples,
-    run,
-    script_env,
     tiny_llama,
     tiny_llama_config,
-    torchrun,
     training_args,
 )
 

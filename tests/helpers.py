@@ -219,22 +219,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def script_env(**extra: str) -> dict[str, str]:
-    """The environment scripts run with in tests: offline, one thread, this checkout importable."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **extra}
-
-
-def torchrun(script: str, *args: str, nproc: int = 2) -> list[str]:
-    """The command that starts `script` on `nproc` local processes (gloo on CPU)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), script, *args]  # fmt: skip
-
-
-def run(command: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    """Run a command the way every launcher test does; the caller asserts on its result."""
-    return subprocess.run(command, env=script_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
 def load_script(name: str) -> dict[str, Any]:
     """A script's top-level names, without running its `__main__` block (the one way tests import scripts)."""
     return runpy.run_path(os.path.join(SCRIPTS, name))

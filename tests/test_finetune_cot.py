@@ -177,7 +177,7 @@ def test_presets_are_config_files_the_scripts_read(name):
     else:
         parser, argv = load_script("pretrain_clip.py")["make_parser"](), ["--config", path]
     parsed, explicit = parse_with_config(parser, argv)
-    values = read_config(path, {f for f in explicit})
+    values = read_config(path, explicit)  # every key of the file was given by the user
     got = {}
     for obj in parsed:
         got.update({k: getattr(obj, k) for k in values if hasattr(obj, k)})
