@@ -73,6 +73,44 @@ def restore_before_engine_step(trainer: Any, restore: Callable[[], None]) -> Ite
             del engine.step
 
 
+# DeepSpeed 0.1x (checked 0.19.8), ZeRO-2, for SAM's ascent pass (whose gradient must reach neither
+# `.grad` nor the engine). `DeepSpeedEngine.forward` hooks its outputs: the first backward through them
+# runs the engine's backward prologue and queues its epilogue, which reduces the gradient buckets that
+# the parameters' post-accumulate-grad hooks fill. `torch.autograd.grad` runs no AccumulateGrad node, so
+# those hooks never fire and the epilogue reduced buckets that were never filled (IndexError in
+# `reduce_ipg_grads`); `engine.backward` on the pass's graphless loss runs the same epilogue. So the
+# ascent pass calls the module the engine wraps (same parameters, same computation, no output hooks)
+# and skips the engine's backward: DeepSpeed never sees the pass, so it costs no collective and leaves
+# the engine's gradient state alone. What the engine's forward would add and the bare module lacks
+# (DeepSpeed's `torch_autocast`, fp16 `auto_cast` of the inputs) is refused in engines.py.
+# Pinned by tests/test_engines.py (ZeRO-2: SAM at rho = 0 equals Trainer, collectives equal Trainer's).
+def without_engine(trainer: Any, model: nn.Module) -> nn.Module:
+    """The module a DeepSpeed engine wraps when `model` is that engine; `model` otherwise."""
+    wrapper = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    return wrapper.engine.module if wrapper is not None and model is wrapper.engine else model
+
+
+@contextlib.contextmanager
+def skip_engine_backward(trainer: Any) -> Iterator[None]:
+    """While inside, `accelerator.backward` does nothing under DeepSpeed. Elsewhere a no-op.
+
+    transformers (checked 5.24): `Trainer.training_step` calls `accelerator.backward` once.
+    """
+    accelerator = trainer.accelerator
+    if getattr(accelerator, "deepspeed_engine_wrapped", None) is None:
+        yield
+        return
+    own = vars(accelerator).get("backward")  # someone (a test, a profiler) may have wrapped it already
+    accelerator.backward = lambda loss, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is not None:
+            accelerator.backward = own
+        else:
+            del accelerator.backward
+
+
 # DeepSpeed 0.1x (checked 0.19.8), ZeRO-3: the noise goes into each rank's partition `ds_tensor`,
 # which a forward all-gathers into `param.data`. But ZeRO-3 keeps some parameters gathered between
 # forwards: "persistent" ones (at most `stage3_param_persistence_threshold` elements: norms, biases,

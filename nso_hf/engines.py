@@ -52,16 +52,33 @@ def check_engine(trainer: Any, config: NSOConfig) -> None:
         ValueError: naming the engine, the option and the fix.
     """
     engine = engine_name(trainer)
-    if config.method in ASCENT_METHODS and (engine in SHARDED or engine.startswith("DeepSpeed")):
-        # The ascent gradient is taken with torch.autograd.grad with respect to the parameters. Under FSDP the
-        # forward uses gathered copies, not the tensors the trainer holds, and e would have to be split into
-        # shards; DeepSpeed (0.19) runs its post-backward hooks on any backward, so autograd.grad makes ZeRO
-        # reduce gradient buckets that were never filled (IndexError in reduce_ipg_grads, seen under ZeRO-2).
+    if config.method in ASCENT_METHODS and engine in SHARDED:
+        # The ascent gradient is taken with torch.autograd.grad with respect to the parameters, but here the
+        # forward runs on gathered copies, not the tensors the trainer holds, and e would have to be split
+        # into shards. (ZeRO-2 keeps whole parameters: the ascent pass runs beside the engine, compat.py.)
         raise ValueError(
             f"NSOConfig.method={config.method!r} is not supported under {engine}: its ascent gradient is taken with "
-            "torch.autograd.grad on the parameters, which this engine shards or reduces in its own backward hooks. "
-            "Use DDP, or method='nso' / 'rwp' (docs/methods.md)."
+            f"torch.autograd.grad on the parameters, but {engine} shards them and runs the forward on gathered "
+            "copies. Use DDP or DeepSpeed ZeRO-2, or method='nso' / 'rwp' (docs/methods.md)."
         )
+    if config.method in ASCENT_METHODS and engine.startswith("DeepSpeed"):
+        ds = _ds_config(trainer)
+        # The ascent pass calls the module the engine wraps, not the engine (compat.py, without_engine), so
+        # the casts the engine's forward adds would be missing from that pass alone.
+        cast = [
+            name
+            for name, on in (
+                ("torch_autocast", ds.get("torch_autocast", {}).get("enabled", False)),
+                ("fp16.auto_cast", ds.get("fp16", {}).get("auto_cast", False)),
+            )
+            if on is True
+        ]
+        if cast:
+            raise ValueError(
+                f"NSOConfig.method={config.method!r} under {engine} cannot use DeepSpeed's {cast[0]}: SAM's ascent pass "
+                "runs the wrapped module without the engine's forward, which is where that cast happens. Turn "
+                f"{cast[0]} off (DeepSpeed's bf16 / fp16 sections cast the weights instead), or use DDP."
+            )
     if config.method in MERGED_METHODS and engine in SHARDED:
         raise ValueError(
             f"NSOConfig.method={config.method!r} writes noise into the frozen base weights of the LoRA layers and scales "

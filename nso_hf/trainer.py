@@ -6,7 +6,8 @@ when lam > 0; for SAM one at W and one at W + e), each one a call of the parent 
 handling, mixed precision and DeepSpeed arguments. The pass's weight is applied to the gradient
 inside `compute_loss`, so the loss value Trainer logs stays the plain loss. SAM's ascent pass takes
 its gradient there with `torch.autograd.grad` and hands Trainer's backward a loss without a graph,
-so `.grad` never sees it. The weights are put back by copy before the optimizer steps.
+so `.grad` never sees it (under DeepSpeed that pass bypasses the engine altogether: compat.py).
+The weights are put back by copy before the optimizer steps.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from nso_hf.compat import (
     defer_gradient_sync,
     refresh_zero3_gathered,
     restore_before_engine_step,
+    skip_engine_backward,
     snapshot_counters,
+    without_engine,
     zero3_params,
 )
 from nso_hf.config import MERGED_METHODS, NOISE_METHODS, NSOConfig
@@ -113,7 +116,9 @@ class NSOMixin:
                     ctx = restore_before_engine_step(self, perturbation.restore)
                 else:  # Trainer's loop has already deferred this micro-batch's sync
                     ctx = contextlib.nullcontext()
-                with ctx:
+                # SAM's ascent pass under DeepSpeed: the engine never sees it (compat.py, without_engine).
+                skip = skip_engine_backward(self) if p.ascent else contextlib.nullcontext()
+                with ctx, skip:
                     self._nso_pass = _PassState(p)
                     loss = super().training_step(model, inputs, num_items_in_batch)
                 passes.append((self._nso_pass, loss))
@@ -144,10 +149,12 @@ class NSOMixin:
         return logged
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        state = self._nso_pass
+        if state is not None and state.plan.ascent:
+            model = without_engine(self, model)  # DeepSpeed's forward would hook the ascent's autograd.grad
         out = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        state = self._nso_pass
         if state is None:  # evaluation, or a call outside training_step
             return out
         loss = out[0] if return_outputs else out
@@ -242,11 +249,12 @@ class NSOMixin:
     def _nso_ascent(self, loss: torch.Tensor) -> list[torch.Tensor] | None:
         """SAM's / ASAM's offset e from the gradient of this micro-batch's loss at W.
 
-        The gradient is this rank's own (the pass runs under no_sync: no communication) and is taken
-        with `torch.autograd.grad`, so `.grad` keeps only the accumulated training gradient. Under
-        fp16 the loss is multiplied by GradScaler's current scale (so small gradients do not flush to
-        zero in fp16 activations) and g divided by it: the optimizer's single `unscale_` still applies
-        to the accumulated gradient alone.
+        The gradient is this rank's own, with no communication (the pass runs under DDP's no_sync, and
+        beside a DeepSpeed engine, which never sees it), and is taken with `torch.autograd.grad`, so
+        `.grad` keeps only the accumulated training gradient. Under fp16 the loss is multiplied by
+        GradScaler's current scale (so small gradients do not flush to zero in fp16 activations) and g
+        divided by it: the optimizer's single `unscale_` still applies to the accumulated gradient
+        alone. (DeepSpeed's own fp16 loss scale is not applied here.)
         """
         cfg = self.nso_config
         params = [p for _, p in self._nso_params[1]]

@@ -276,9 +276,10 @@ def test_cosine_ramp_starts_without_noise(args_factory):
     assert any(not torch.equal(ref[n], moved[n]) for n in ref)
 
 
-def _fake_trainer(engine: str):
+def _fake_trainer(engine: str, deepspeed_config: dict | None = None):
     """Just enough of a built Trainer for `engine_name` to say `engine`."""
-    plugin = SimpleNamespace(zero_stage=int(engine[-1]) if engine.startswith("DeepSpeed") else 0, deepspeed_config={})
+    stage = int(engine[-1]) if engine.startswith("DeepSpeed") else 0
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=deepspeed_config or {})
     accelerator = SimpleNamespace(is_fsdp2=engine == "FSDP2", state=SimpleNamespace(deepspeed_plugin=plugin))
     return SimpleNamespace(
         is_deepspeed_enabled=engine.startswith("DeepSpeed"), is_fsdp_enabled=engine.startswith("FSDP"),
@@ -290,16 +291,31 @@ def _fake_trainer(engine: str):
 @pytest.mark.parametrize("method", ["sam", "asam", "flat_lora", "nso_merged"])
 def test_engines_refuse_the_methods_they_cannot_run(engine, method):
     cfg = NSOConfig(method=method)
-    if method in ("sam", "asam"):
-        match = rf"method='{method}' is not supported under {engine}: its ascent gradient is taken with torch.autograd.grad"
-    elif engine == "DeepSpeed ZeRO-2":
-        check_engine(_fake_trainer(engine), cfg)  # merged-space noise runs under ZeRO-2 (tests/test_engines.py)
+    if engine == "DeepSpeed ZeRO-2":
+        check_engine(_fake_trainer(engine), cfg)  # whole parameters: every method runs (tests/test_engines.py)
         return
+    if method in ("sam", "asam"):
+        match = (
+            rf"method='{method}' is not supported under {engine}: its ascent gradient is taken with "
+            rf"torch.autograd.grad on the parameters, but {engine} shards them.* Use DDP or DeepSpeed ZeRO-2"
+        )
     else:
         match = rf"method='{method}' writes noise into the frozen base weights of the LoRA layers .* which {engine} shards"
     with pytest.raises(ValueError, match=match):
         check_engine(_fake_trainer(engine), cfg)
     check_engine(_fake_trainer("DDP/single"), cfg)  # accepted there
+
+
+@pytest.mark.parametrize(
+    "ds, name", [({"torch_autocast": {"enabled": True}}, "torch_autocast"), ({"fp16": {"auto_cast": True}}, "fp16.auto_cast")]
+)
+def test_sam_under_deepspeed_refuses_casts_of_the_engine_forward(ds, name):
+    # SAM's ascent pass runs the wrapped module, not the engine, so a cast the engine's forward adds would
+    # be missing from that pass alone.
+    for method in ("sam", "asam"):
+        with pytest.raises(ValueError, match=rf"under DeepSpeed ZeRO-2 cannot use DeepSpeed's {name}: .* Turn {name} off"):
+            check_engine(_fake_trainer("DeepSpeed ZeRO-2", ds), NSOConfig(method=method))
+    check_engine(_fake_trainer("DeepSpeed ZeRO-2", ds), NSOConfig(method="nso"))  # the other methods run the engine
 
 
 # 8. Mixed precision.
