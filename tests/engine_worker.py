@@ -503,6 +503,42 @@ def scenario_methods_zero2() -> dict[str, Any]:
     return out
 
 
+def scenario_sam_zero2() -> dict[str, Any]:
+    """ZeRO-2: SAM / ASAM at rho = 0 against Trainer (accumulation 1 and 2); then at a real radius."""
+    out: dict[str, Any] = {}
+    plain_weights = {}
+    for grad_accum in (1, 2):
+        plain, _, plain_count = train(f"s_plain_{grad_accum}", Trainer, False, grad_accum)
+        plain_weights[grad_accum] = local_copy(plain)
+        for method in ("sam", "asam"):
+            cfg = NSOConfig(method=method, rho=0.0)
+            nso, probe, count = train(f"s0_{method}_{grad_accum}", NSOTrainer, False, grad_accum, cfg)
+            out[f"{method}_zero_ga{grad_accum}"] = {
+                "plain_loss": history(plain, "loss"),
+                "loss": history(nso, "loss"),
+                "plain_grad_norm": history(plain, "grad_norm"),
+                "grad_norm": history(nso, "grad_norm"),
+                "weights_max_diff": max_diff(plain_weights[grad_accum], local_copy(nso)),
+                "step_probe": probe.diffs,
+                "moved": probe.moved(),
+                "plain_collectives": plain_count.per_step(STEPS),
+                "collectives": count.per_step(STEPS),
+            }
+    for method, grad_accum in (("sam", 1), ("asam", 1), ("sam", 2)):
+        cfg = NSOConfig(method=method, rho=0.5)
+        nso, probe, count = train(f"s_{method}_{grad_accum}", NSOTrainer, False, grad_accum, cfg)
+        out[f"{method}_ga{grad_accum}"] = {
+            "loss": history(nso, "loss"),
+            "sharpness": history(nso, "nso/sharpness"),
+            "step_probe": probe.diffs,
+            "moved": probe.moved(),
+            "vs_plain": max_diff(plain_weights[grad_accum], local_copy(nso)),
+            "finite": all(torch.isfinite(t).all().item() for t in local_copy(nso).values()),
+            "collectives": count.per_step(STEPS),
+        }
+    return out
+
+
 def scenario_methods_every_engine() -> dict[str, Any]:
     """method 'none' and RWP at sigma = 0: the same runs as sigma0_full_ga1's plain Trainer, compared there."""
     out: dict[str, Any] = {}
@@ -534,6 +570,7 @@ def scenario_method_refusals() -> dict[str, str | None]:
 
 if ENGINE == "zero2":
     SCENARIOS["methods_zero2"] = scenario_methods_zero2
+    SCENARIOS["sam_zero2"] = scenario_sam_zero2
 SCENARIOS["methods_every_engine"] = scenario_methods_every_engine
 SCENARIOS["method_refusals"] = scenario_method_refusals
 SCENARIOS["nonfinite"] = SCENARIOS.pop("nonfinite")  # still last: a raising trainer may leave its engine half-used

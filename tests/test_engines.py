@@ -11,7 +11,9 @@ scenarios and records what it saw, these tests hold it to the math:
 - save at step 2, resume in a new run: the end is the uninterrupted run's; the saved model loads;
 - a non-finite perturbed loss raises and leaves W exactly as it was; options the engine cannot
   honour are refused when the trainer is built;
-- collectives per optimizer step, as docs/distributed.md states them.
+- collectives per optimizer step, as docs/distributed.md states them;
+- SAM / ASAM under ZeRO-2 (rho = 0 equals Trainer; at rho > 0 the engine steps at W, no extra
+  collective), and their refusal under the sharding engines.
 """
 
 from __future__ import annotations
@@ -183,13 +185,40 @@ def test_merged_methods_under_zero2_step_at_w_and_restore_frozen_weights(runs, m
 def test_sharded_engines_refuse_sam_and_merged_methods(runs, engine):
     r = runs[engine]["method_refusals"]
     name = {"fsdp1": "FSDP1", "fsdp2": "FSDP2", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}[engine]
-    for method in ("sam", "asam"):
-        assert r[method] and f"method='{method}' is not supported under {name}" in r[method] and " Use DDP" in r[method]
-    for method in ("flat_lora", "nso_merged"):
-        if engine == "zero2":  # base weights stay whole: runs (test above)
+    for method in ("sam", "asam", "flat_lora", "nso_merged"):
+        if engine == "zero2":  # whole parameters: every method runs (tests above and below)
             assert r[method] is None, r[method]
+        elif method in ("sam", "asam"):
+            assert r[method] and f"method='{method}' is not supported under {name}" in r[method], r[method]
+            assert f"{name} shards them" in r[method] and " Use DDP or DeepSpeed ZeRO-2" in r[method], r[method]
         else:
             assert r[method] and f"which {name} shards" in r[method] and " Use " in r[method]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_sam_at_zero_radius_equals_trainer_under_zero2(runs, method, grad_accum):
+    r = runs["zero2"]["sam_zero2"][f"{method}_zero_ga{grad_accum}"]
+    assert close(r["loss"], r["plain_loss"]), (r["loss"], r["plain_loss"])
+    assert close(r["grad_norm"], r["plain_grad_norm"]), (r["grad_norm"], r["plain_grad_norm"])
+    # The ascent pass accumulates nothing, so even with accumulation the sums are Trainer's: bit for bit.
+    assert r["weights_max_diff"] == 0.0, r["weights_max_diff"]
+    assert r["step_probe"] == [0.0] * 3 and r["moved"] > 1e-3
+    # DeepSpeed never sees the ascent pass: it takes this rank's own gradient, with no collective.
+    assert r["collectives"] == r["plain_collectives"], (r["collectives"], r["plain_collectives"])
+
+
+@pytest.mark.parametrize("method, grad_accum", [("sam", 1), ("asam", 1), ("sam", 2)])
+def test_sam_under_zero2_ascends_steps_at_w_and_communicates_like_trainer(runs, method, grad_accum):
+    r = runs["zero2"]["sam_zero2"][f"{method}_ga{grad_accum}"]
+    assert len(r["loss"]) == 3 and all(math.isfinite(v) for v in r["loss"]) and r["finite"], r
+    # The loss at W + e exceeds the loss at W: e points up the gradient (to first order the gap is
+    # rho * ||g|| for SAM), so the ascent gradient is the real one, not zero or a stale buffer.
+    assert all(s > 0 for s in r["sharpness"]) and len(r["sharpness"]) == 3, r["sharpness"]
+    assert r["step_probe"] == [0.0] * 3  # the engine stepped at W, not at W + e
+    assert r["moved"] > 1e-3 and r["vs_plain"] > 1e-4  # the ascent changed the trajectory
+    plain = runs["zero2"]["sam_zero2"][f"{method}_zero_ga{grad_accum}"]["plain_collectives"]
+    assert r["collectives"] == plain, (r["collectives"], plain)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
