@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup deepspeed lint test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench clean
+.PHONY: setup deepspeed lint test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench experiment clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,12 @@ smollm2: $(STAMP)
 # CLIP pretraining with the same step, on scikit-learn's handwritten digits (offline).
 demo-clip: $(STAMP)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) scripts/pretrain_clip.py
+
+# The comparison of docs/results.md: none, nso, rwp, sam, flat_lora on the embedded task, strengths
+# chosen on a validation split, 5 seeds, equal steps and equal compute (about 40 minutes on 2 CPU cores;
+# two runs at a time, one thread each). Interrupted, it resumes: finished runs are kept.
+experiment: $(STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) scripts/compare_methods.py --output_dir outputs/experiment
 
 # Speed and memory of NSOTrainer against Trainer, measured in the same process; cost of a Hessian probe.
 bench: $(STAMP)

@@ -4,7 +4,9 @@
 now?" -> rationale "7 + 5 = 12\\n12 - 3 = 9", answer "9" (one rationale line per step; the
 training target ends in "#### 9", the GSM8K convention). Splits: "train" and "test" draw the same
 number of steps and are disjoint by construction (a question's CRC32 picks its split); "ood"
-draws more steps than training, to measure length generalisation. Same seed, same data.
+draws more steps than training, to measure length generalisation. "validation" and
+"ood_validation" are held-out twins of "test" and "ood" (same steps, disjoint problems), for choosing
+settings without looking at the test splits. Same seed, same data.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 
 from data_recipes.base import COLUMNS, LoadReport, Recipe
 
-SPLITS = ("train", "test", "ood")
+SPLITS = ("train", "validation", "test", "ood_validation", "ood")
 OPERATIONS = ("add", "sub", "mul")
 NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kai", "Lena")
 ITEMS = ("apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbles")
-# One in TEST_BUCKETS questions (by CRC32) belongs to "test", the rest to "train".
-TEST_BUCKETS = 5
+# A question's CRC32 modulo BUCKETS picks its split: in distribution bucket 0 is "test", 1 "validation",
+# the rest "train"; out of distribution even buckets are "ood", odd ones "ood_validation".
+BUCKETS = 5
+IN_DISTRIBUTION_BUCKET = {"test": 0, "validation": 1}
 
 
 def make_problem(rng: random.Random, num_steps: int, max_operand: int, operations: Sequence[str]) -> dict[str, str]:
@@ -66,15 +70,26 @@ def make_problem(rng: random.Random, num_steps: int, max_operand: int, operation
     return {"question": " ".join(sentences), "rationale": "\n".join(lines), "answer": str(value)}
 
 
+def bucket_split(bucket: int, ood: bool) -> str:
+    """The split a question of CRC32 bucket `bucket` belongs to, in or out of distribution."""
+    if ood:
+        return "ood" if bucket % 2 == 0 else "ood_validation"
+    for split, owned in IN_DISTRIBUTION_BUCKET.items():
+        if bucket == owned:
+            return split
+    return "train"
+
+
 class SyntheticRecipe(Recipe):
-    """Generator recipe: `load("train" | "test" | "ood")` returns that split.
+    """Generator recipe: `load(split)` returns that split ("train", "validation", "test", "ood_validation", "ood").
 
     Args:
         min_steps, max_steps: steps per training/test problem (inclusive range).
         ood_min_steps, ood_max_steps: steps per out-of-distribution problem; must exceed max_steps.
         max_operand: largest operand (sets the size of the numbers).
         operations: allowed operations, a subset of ("add", "sub", "mul").
-        num_train, num_test, num_ood: split sizes.
+        num_train, num_test, num_ood: split sizes ("validation" has num_test problems,
+            "ood_validation" num_ood).
         seed: the data seed.
     """
 
@@ -112,7 +127,7 @@ class SyntheticRecipe(Recipe):
         self.ood_min_steps, self.ood_max_steps = ood_min_steps, ood_max_steps
         self.max_operand = max_operand
         self.operations = tuple(operations)
-        self.sizes = {"train": num_train, "test": num_test, "ood": num_ood}
+        self.sizes = {"train": num_train, "validation": num_test, "test": num_test, "ood_validation": num_ood, "ood": num_ood}
         self.seed = seed
 
     def generate(self, split: str, num_examples: int | None = None) -> list[dict[str, str]]:
@@ -120,7 +135,8 @@ class SyntheticRecipe(Recipe):
         if split not in SPLITS:
             raise ValueError(f"Unknown synthetic split {split!r}; use one of {SPLITS}.")
         count = self.sizes[split] if num_examples is None else num_examples
-        low, high = (self.ood_min_steps, self.ood_max_steps) if split == "ood" else (self.min_steps, self.max_steps)
+        ood = split.startswith("ood")
+        low, high = (self.ood_min_steps, self.ood_max_steps) if ood else (self.min_steps, self.max_steps)
         rng = random.Random(f"{self.seed}-{split}")
         seen: set[str] = set()
         examples: list[dict[str, str]] = []
@@ -135,7 +151,7 @@ class SyntheticRecipe(Recipe):
             question = problem["question"]
             if question in seen:
                 continue
-            if split != "ood" and (zlib.crc32(question.encode()) % TEST_BUCKETS == 0) != (split == "test"):
+            if bucket_split(zlib.crc32(question.encode()) % BUCKETS, ood) != split:
                 continue
             seen.add(question)
             examples.append(problem)
@@ -145,7 +161,7 @@ class SyntheticRecipe(Recipe):
         return {name: str(row[name]) for name in COLUMNS}
 
     def load(self, source: str = "train", split: str = "train", max_samples: int | None = None):
-        """`source` names the split to generate: "train", "test" or "ood" (`split` is unused)."""
+        """`source` names the split to generate, one of `SPLITS` (`split` is unused)."""
         import datasets
 
         examples = self.generate(source, max_samples)

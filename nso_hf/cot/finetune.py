@@ -4,8 +4,8 @@ checks before any model loads (options, output folder, the model's position limi
 config, every data file read and non-empty, the checkpoint to resume from) -> seed -> load the
 model (LoRA by default) -> a recipe's data, formatted with the prompt masked -> train with
 `Trainer` (method "none") or `NSOTrainer` (nso, rwp, sam, asam, flat_lora, nso_merged: docs/methods.md),
-resuming if asked -> greedy-generation accuracy on every evaluation source -> optionally the Hessian trace of
-the training loss -> `cot_results.json` beside the predictions (main process only).
+resuming if asked -> greedy-generation accuracy on every evaluation source -> optionally the flatness of the training
+loss (Hessian trace, top eigenvalue, noise stability) -> `cot_results.json` beside the predictions (main process only).
 """
 
 from __future__ import annotations
@@ -172,6 +172,56 @@ def checked_inputs(
     return CheckedInputs(recipe, resume, max_length, train_source, train_data, load_report, eval_sets, eval_origin)
 
 
+def load_model(script_args: CoTScriptArguments, training_args: Any, lora_args: LoraArguments) -> tuple:
+    """(model with LoRA adapters unless `full_finetune`, tokenizer, path, gguf file), seeded by `training_args`.
+
+    The tiny default base model is built once, by the main process, then loaded by every process.
+    """
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    from nso_hf.cot.models import add_lora, load_causal_lm, resolve_model_source
+
+    with training_args.main_process_first(desc="base model"):
+        path, gguf_file = resolve_model_source(
+            script_args.model_name_or_path, script_args.gguf_file, script_args.preset,
+            script_args.base_model_cache_dir, script_args.tiny_pretrain_steps,
+        )
+    # Seeded as Trainer seeds itself, but before the LoRA adapters are drawn: Trainer's own seeding
+    # comes after the model exists, so the adapters (and the whole run) would follow whatever the
+    # global RNG held, e.g. differ between a first demo run that pretrained the base model and a
+    # cached one.
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
+    model, tokenizer = load_causal_lm(path, gguf_file)
+    if not script_args.full_finetune:
+        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
+    return model, tokenizer, path, gguf_file
+
+
+def training_features(inputs: CheckedInputs, data_args: CoTDataArguments, tokenizer: Any) -> tuple:
+    """(tokenized training features with the prompt masked, format report) of the checked training data.
+
+    Raises:
+        InputError: --max_length removed every example.
+    """
+    from data_recipes.formatting import format_for_training
+
+    features, format_report = format_for_training(
+        inputs.train_data, tokenizer, data_args.template, inputs.max_length, data_args.overlong
+    )
+    report = inputs.load_report
+    print(f"[cot] {inputs.train_source}: {report.kept} rows loaded, {report.dropped} bad rows dropped; "
+          f"{format_report.summary()}", flush=True)
+    if len(features) == 0:  # the data had rows (checked above): the length limit removed them all
+        raise InputError(
+            f"{inputs.train_source}: all {format_report.dropped} examples are longer than --max_length "
+            f"{inputs.max_length} tokens: raise --max_length or pass --overlong truncate."
+        )
+    return features, format_report
+
+
 def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
     """A plain `Trainer` when `nso_config` is None, else an `NSOTrainer` running it."""
     if nso_config is None:
@@ -183,16 +233,42 @@ def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
     return NSOTrainer(nso_config=nso_config, **trainer_kwargs)
 
 
-def measure_hessian_trace(model: Any, features: Any, collator: Any, batch_size: int, num_batches: int, num_probes: int, seed: int):
-    """Hessian trace of the training loss over the trainable weights, on the first `num_batches` batches."""
-    from nso_hf.flatness import hessian_trace
-
-    batches = []  # hessian_trace moves them to the model's device
+def flatness_batches(features: Any, collator: Any, batch_size: int, num_batches: int) -> list:
+    """The first `num_batches` training batches, collated: the loss every flatness measure is taken of."""
+    batches = []  # the measures move them to the model's device
     for b in range(num_batches):
         rows = [features[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(features)))]
         if rows:
             batches.append(collator(rows))
-    return hessian_trace(model, batches, num_probes=num_probes, seed=seed)
+    return batches
+
+
+def measure_flatness(model: Any, batches: list, script_args: CoTScriptArguments, seed: int) -> dict[str, Any]:
+    """The training loss at the final weights and the flatness measures asked for, over the trainable weights.
+
+    Returns:
+        {"loss", "hessian_trace", "top_eigenvalue", "noise_stability"}; a measure not asked for is None.
+        The trace falls as the model grows confident whatever the method, so it is reported beside
+        `loss`, and noise stability also relative to it (`relative`: the loss increase / the loss).
+    """
+    from nso_hf.flatness import Measurement, estimate_noise_stability, estimate_top_eigenvalues, estimate_trace
+
+    result: dict[str, Any] = {"batches": len(batches), "hessian_trace": None, "top_eigenvalue": None, "noise_stability": None}
+    with Measurement(model, batches) as m:
+        result["loss"] = m.loss()
+        if script_args.hessian_trace_probes > 0:
+            t = estimate_trace(m, script_args.hessian_trace_probes, seed=seed)
+            result["hessian_trace"] = {"value": t.value, "stderr": t.stderr, "num_probes": t.num_probes}
+        if script_args.top_eigenvalue_iterations > 0:
+            e = estimate_top_eigenvalues(m, script_args.top_eigenvalue_iterations, seed=seed)
+            result["top_eigenvalue"] = {"value": e.value, "iterations": e.iterations[0], "converged": e.converged[0]}
+        if script_args.noise_stability_draws > 0:
+            n = estimate_noise_stability(m, script_args.noise_stability_sigma, script_args.noise_stability_draws, seed=seed)
+            result["noise_stability"] = {
+                "value": n.value, "stderr": n.stderr, "sigma": n.sigma, "num_draws": n.num_draws,
+                "relative": n.value / n.base_loss if n.base_loss else float("nan"),
+            }
+    return result
 
 
 def run_cot_finetune(
@@ -213,54 +289,25 @@ def run_cot_finetune(
 
     Returns:
         {"method", "model", "trainable_parameters", "data", "train", "eval": {name: metrics},
-         "hessian_trace": {...} or None}.
+         "hessian_trace": {...} or None, "flatness": {loss, hessian_trace, top_eigenvalue, noise_stability} or None}.
     """
     from transformers import DataCollatorForSeq2Seq
-    from transformers.trainer_utils import enable_full_determinism, set_seed
 
-    from data_recipes.formatting import format_for_training
     from nso_hf.cot.evaluation import evaluate_cot
-    from nso_hf.cot.models import add_lora, load_causal_lm, resolve_model_source
 
     # Everything that can be wrong with the options and the data fails here, on every rank, before
     # minutes of model loading (or of pretraining the tiny default) and long before the first save.
     inputs = checked_inputs(script_args, data_args, training_args)
     recipe, resume, max_length = inputs.recipe, inputs.resume, inputs.max_length
-    train_source, train_data, load_report = inputs.train_source, inputs.train_data, inputs.load_report
+    train_source, load_report = inputs.train_source, inputs.load_report
     eval_sets, eval_origin = inputs.eval_sets, inputs.eval_origin
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         # Pinning needs an accelerator: on CPU torch warns at every dataloader and pins nothing.
         training_args.dataloader_pin_memory = False
 
-    # The tiny default base model is built once, by the main process, then loaded by every process.
-    with training_args.main_process_first(desc="base model"):
-        path, gguf_file = resolve_model_source(
-            script_args.model_name_or_path, script_args.gguf_file, script_args.preset,
-            script_args.base_model_cache_dir, script_args.tiny_pretrain_steps,
-        )
-    # Seeded as Trainer seeds itself, but before the LoRA adapters are drawn: Trainer's own seeding
-    # comes after the model exists, so the adapters (and the whole run) would follow whatever the
-    # global RNG held, e.g. differ between a first demo run that pretrained the base model and a
-    # cached one.
-    if training_args.full_determinism:
-        enable_full_determinism(training_args.seed)
-    else:
-        set_seed(training_args.seed)
-    model, tokenizer = load_causal_lm(path, gguf_file)
-    if not script_args.full_finetune:
-        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
+    model, tokenizer, path, gguf_file = load_model(script_args, training_args, lora_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    features, format_report = format_for_training(
-        train_data, tokenizer, data_args.template, max_length, data_args.overlong
-    )
-    print(f"[cot] {train_source}: {load_report.kept} rows loaded, {load_report.dropped} bad rows dropped; "
-          f"{format_report.summary()}", flush=True)
-    if len(features) == 0:  # the data had rows (checked above): the length limit removed them all
-        raise InputError(
-            f"{train_source}: all {format_report.dropped} examples are longer than --max_length {max_length} "
-            "tokens: raise --max_length or pass --overlong truncate."
-        )
+    features, format_report = training_features(inputs, data_args, tokenizer)
 
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     method = nso_config.method
@@ -298,14 +345,12 @@ def run_cot_finetune(
         )
         for name, data in eval_sets.items()
     }
-    trace = None
-    if script_args.hessian_trace_probes > 0:
-        estimate = measure_hessian_trace(
-            model, features, collator, training_args.per_device_train_batch_size,
-            script_args.hessian_trace_batches, script_args.hessian_trace_probes, training_args.seed,
+    flatness = None
+    if script_args.hessian_trace_probes or script_args.top_eigenvalue_iterations or script_args.noise_stability_draws:
+        batches = flatness_batches(
+            features, collator, training_args.per_device_train_batch_size, script_args.hessian_trace_batches
         )
-        if estimate is not None:
-            trace = {"value": estimate.value, "stderr": estimate.stderr, "num_probes": estimate.num_probes}
+        flatness = measure_flatness(model, batches, script_args, training_args.seed)
     results = {
         "method": method,
         "model": path if gguf_file is None else os.path.join(path, gguf_file),
@@ -317,7 +362,8 @@ def run_cot_finetune(
                  "eval_sources": eval_origin, **dataclasses.asdict(format_report)},
         "train": train_metrics,
         "eval": evaluations,
-        "hessian_trace": trace,
+        "hessian_trace": None if flatness is None else flatness["hessian_trace"],
+        "flatness": flatness,
     }
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)

@@ -37,7 +37,7 @@ def resolve_model_source(
     gguf_file: str | None,
     preset: str | None,
     base_model_cache_dir: str | None = None,
-    tiny_pretrain_steps: int = 450,
+    tiny_pretrain_steps: int = 2000,
 ) -> tuple[str, str | None]:
     """(path or Hub id, gguf file or None) of the model to fine-tune; builds the tiny default if needed."""
     if preset == "smollm2":

@@ -40,7 +40,7 @@ class TinyBaseSpec:
     corpus_max_steps: int = 2
     corpus_max_operand: int = 9
     corpus_size: int = 4000
-    pretrain_steps: int = 450
+    pretrain_steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 0

@@ -1,0 +1,277 @@
+"""`scripts/compare_methods.py`: methods side by side on one CoT task, over seeds, at equal steps and compute.
+
+1. Strength selection: every tuned method runs once per value of its grid (same steps, one selection
+   seed that is not a test seed) and keeps the value with the best strict accuracy on the selection
+   split (`--selection`, a validation split; ties go to the weaker strength). The test splits are
+   not looked at.
+2. Test runs: every method with its chosen strength, for every seed, at equal optimizer steps and at
+   equal compute (`nso_hf.experiment.plan`).
+3. Report: `results.json` (every number), `results.md` (the tables, the paired differences, the
+   pre-registered decision) and `results.png` (accuracy against Hessian trace, a point per seed).
+
+The decision rule is fixed before any run and printed with the results: the primary metric is the
+strict accuracy on `--primary` at equal compute; NSO "wins" only if its seed-paired 95% interval
+against every other method lies above 0; an interval containing 0 is a tie. Everything else is secondary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nso_hf.config import METHODS
+from nso_hf.experiment import report
+from nso_hf.experiment.plan import STRENGTH_NAME, Run, equal_compute_steps, test_runs, validation_runs
+from nso_hf.experiment.runner import run_all, run_tokens
+
+DEFAULT_METHODS = ("none", "nso", "rwp", "sam", "flat_lora")
+# A small grid per method, the same size for each: three values around the usual setting
+# (NSO/RWP: sigma on the adapters, absolute; SAM: rho; ASAM: rho, larger as in its paper;
+# Flat-LoRA and merged NSO: sigma relative to the merged weight's rows).
+DEFAULT_GRIDS = {
+    "nso": (0.003, 0.01, 0.03),
+    "rwp": (0.003, 0.01, 0.03),
+    "sam": (0.01, 0.05, 0.2),
+    "asam": (0.1, 0.5, 2.0),
+    "flat_lora": (0.02, 0.05, 0.1),
+    "nso_merged": (0.02, 0.05, 0.1),
+}
+# --quick: the whole pipeline in well under a minute on 2 CPU cores (a barely pretrained base model,
+# a few steps, a few problems): it checks the plumbing, its numbers mean nothing.
+QUICK_TOKENS = (
+    "--tiny_pretrain_steps", "20", "--synthetic_num_train", "64", "--synthetic_num_eval", "8",
+    "--max_new_tokens", "8", "--generation_batch_size", "8", "--per_device_train_batch_size", "4",
+    "--logging_steps", "1",
+)
+
+
+@dataclass
+class ExperimentArguments:
+    """What is compared, over which seeds, and how (the other options go to finetune_cot.py unchanged)."""
+
+    output_dir: str = field(default="outputs/experiment", metadata={"help": "Run folders and the results go here."})
+    methods: list[str] = field(
+        default_factory=lambda: list(DEFAULT_METHODS),
+        metadata={"help": f"Methods compared; must include none (the reference) and nso. Any of {METHODS}."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Test seeds (at least 2; 3 or more for an interval worth reading)."})
+    steps: int = field(default=200, metadata={"help": "Optimizer steps at equal steps (one-pass methods get 2x at equal compute)."})
+    grid: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Strength grids replacing the defaults, e.g. nso=0.003,0.01,0.03 sam=0.02,0.05."},
+    )
+    strengths: list[str] = field(
+        default_factory=list, metadata={"help": "Fixed strengths, no selection run, e.g. nso=0.01 sam=0.05."}
+    )
+    selection_seed: int = field(default=1000, metadata={"help": "Seed of the selection runs (keep it out of --seeds)."})
+    validation_sources: list[str] = field(
+        default_factory=lambda: ["validation", "ood_validation"], metadata={"help": "Evaluation sources of the selection runs."}
+    )
+    test_sources: list[str] = field(default_factory=lambda: ["test", "ood"], metadata={"help": "Evaluation sources of the test runs."})
+    selection: str = field(default="validation", metadata={"help": "The validation source whose strict accuracy picks each strength."})
+    primary: str = field(default="test", metadata={"help": "The test source whose strict accuracy at equal compute is the primary metric."})
+    run_config: str | None = field(default=None, metadata={"help": "The finetune_cot.py --config every run starts from."})
+    hessian_trace_probes: int = field(default=20, metadata={"help": "Hutchinson probes per test run."})
+    top_eigenvalue_iterations: int = field(default=20, metadata={"help": "Power iterations per test run."})
+    noise_stability_draws: int = field(default=10, metadata={"help": "Noise draws per test run (antithetic)."})
+    noise_stability_sigma: float = field(default=0.01, metadata={"help": "Noise std of the noise-stability measure (absolute, adapters)."})
+    flatness_batches: int = field(default=2, metadata={"help": "Training batches the flatness measures use."})
+    workers: int = field(default=2, metadata={"help": "Runs in parallel, one process (one thread) each; 0: all in this process."})
+    quick: bool = field(default=False, metadata={"help": "A tiny end-to-end run in under a minute: checks the pipeline, proves nothing."})
+
+    def __post_init__(self) -> None:
+        if self.quick:  # see QUICK_TOKENS
+            self.steps, self.seeds = min(self.steps, 2), self.seeds[:2]
+            self.hessian_trace_probes = min(self.hessian_trace_probes, 2)
+            self.top_eigenvalue_iterations = min(self.top_eigenvalue_iterations, 2)
+            self.noise_stability_draws = min(self.noise_stability_draws, 2)
+            self.flatness_batches = 1
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; use any of {METHODS}.")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"--methods names a method twice: {self.methods}.")
+        if "none" not in self.methods or "nso" not in self.methods:
+            raise ValueError("--methods must include none (the reference of the paired differences) and nso.")
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds needs at least 2 distinct seeds (a paired interval needs 2), got {self.seeds}.")
+        if self.selection_seed in self.seeds:
+            raise ValueError(f"--selection_seed {self.selection_seed} is also a test seed: keep selection and test runs apart.")
+        if self.steps < 1 or self.workers < 0:
+            raise ValueError(f"--steps must be >= 1 and --workers >= 0, got {self.steps} and {self.workers}.")
+        if self.primary not in self.test_sources:
+            raise ValueError(f"--primary {self.primary!r} is not one of --test_sources {self.test_sources}.")
+        if self.selection not in self.validation_sources:
+            raise ValueError(f"--selection {self.selection!r} is not one of --validation_sources {self.validation_sources}.")
+        if set(self.test_sources) & set(self.validation_sources):
+            raise ValueError("--test_sources and --validation_sources overlap: strengths would be chosen on test data.")
+
+
+def parse_assignments(items: list[str], option: str) -> dict[str, list[float]]:
+    """"method=v1,v2" items as {method: [v1, v2]}.
+
+    Raises:
+        ValueError: a malformed item, an unknown or untuned method, or a value that is not a finite number >= 0.
+    """
+    out: dict[str, list[float]] = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        if not sep or method not in STRENGTH_NAME:
+            raise ValueError(f"{option}: {item!r} is not method=value[,value...] with a method in {sorted(STRENGTH_NAME)}.")
+        try:
+            numbers = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} has a value that is not a number.") from None
+        if not numbers or any(not (0 <= v < float("inf")) for v in numbers):
+            raise ValueError(f"{option}: {item!r} needs finite values >= 0.")
+        out[method] = numbers
+    return out
+
+
+def machine() -> str:
+    """One line naming the machine the numbers come from."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only, {os.cpu_count()} cores"
+    return f"{platform.platform()}; {device}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def select_strengths(validation: dict[str, dict], runs: list[Run], selection: str) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """Each method's strength with the best strict accuracy on `selection`; ties go to the weaker strength."""
+    chosen: dict[str, float] = {}
+    table: dict[str, list[dict]] = {}
+    for run in runs:
+        results = validation[run.name]
+        table.setdefault(run.method, []).append(
+            {"strength": run.strength, **{name: e["exact_match"] for name, e in results["eval"].items()}}
+        )
+    for method, rows in table.items():
+        best = max(rows, key=lambda r: (r[selection], -r["strength"]))
+        chosen[method] = best["strength"]
+    return chosen, table
+
+
+def compare_methods(args: ExperimentArguments, passthrough: list[str], command: str) -> dict[str, Any]:
+    """Run the comparison and write `results.json`, `results.md` and `results.png` into `args.output_dir`."""
+    base = (["--config", args.run_config] if args.run_config else []) + (list(QUICK_TOKENS) if args.quick else []) + passthrough
+    _check_passthrough(base)
+    flatness = [
+        "--hessian_trace_probes", str(args.hessian_trace_probes), "--hessian_trace_batches", str(args.flatness_batches),
+        "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
+        "--noise_stability_draws", str(args.noise_stability_draws), "--noise_stability_sigma", repr(args.noise_stability_sigma),
+    ]
+    fixed = parse_assignments(args.strengths, "--strengths")
+    grids = {m: list(DEFAULT_GRIDS[m]) for m in args.methods if m in STRENGTH_NAME}
+    grids.update({m: v for m, v in parse_assignments(args.grid, "--grid").items() if m in grids})
+    for method, values in fixed.items():
+        if len(values) != 1:
+            raise ValueError(f"--strengths: give one value for {method}, got {values}.")
+    if args.quick:  # one value per method: the selection step runs, with nothing to choose between
+        grids = {m: [v[len(v) // 2]] for m, v in grids.items()}
+    tuned = {m: v for m, v in grids.items() if m not in fixed}
+    workers = 0 if args.quick else args.workers  # tiny runs: spawning a process would cost more than the run
+    os.makedirs(args.output_dir, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    selection_runs = validation_runs(tuned, args.selection_seed, args.steps)
+    validation = run_all(
+        [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in selection_runs],
+        args.output_dir, workers,
+    )
+    chosen, selection_table = select_strengths(validation, selection_runs, args.selection)
+    strengths: dict[str, float | None] = {m: None for m in args.methods}
+    strengths.update({m: v[0] for m, v in fixed.items() if m in strengths})
+    strengths.update(chosen)
+    print(f"[compare] strengths: {strengths}", flush=True)
+
+    runs = test_runs(args.methods, strengths, args.seeds, args.steps)
+    results = run_all(
+        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers
+    )
+    primary = f"accuracy_{args.primary}"
+    tables, comparisons, sections = {}, {}, []
+    for budget in report.BUDGETS:
+        tables[budget] = report.per_seed(runs, results, budget, args.methods, args.seeds)
+        comparisons[budget] = report.comparisons(tables[budget], primary)
+        steps = {m: args.steps if budget == "equal_steps" else equal_compute_steps(m, args.steps, args.methods) for m in args.methods}
+        sections.append((budget, report.markdown(comparisons[budget], args.test_sources, strengths, steps, args.seeds, primary)))
+    verdict = report.decision(comparisons["equal_compute"]["focus_versus"])
+    out = {
+        "command": command,
+        "machine": machine(),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "arguments": asdict(args),
+        "passthrough": passthrough,
+        "primary_metric": f"strict accuracy on {args.primary!r} at equal compute",
+        "decision_rule": DECISION_RULE,
+        "decision": verdict,
+        "strengths": strengths,
+        "selection": selection_table,
+        "per_seed": tables,
+        "comparisons": comparisons,
+        "runs": [r.to_dict() for r in runs],
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(out, handle, indent=1)
+    text = render(out, sections, args)
+    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    report.plot(tables, primary, os.path.join(args.output_dir, "results.png"))
+    print("\n" + text, flush=True)
+    return out
+
+
+DECISION_RULE = (
+    "NSO wins only if, at equal compute, its seed-paired 95% t-interval of primary-accuracy difference against "
+    "every other method lies above 0; against a method whose interval contains 0 it ties; below 0 it loses. "
+    "Every other number is secondary."
+)
+
+
+def render(out: dict[str, Any], sections: list[tuple[str, str]], args: ExperimentArguments) -> str:
+    """results.md: the rule first, then what was chosen, then the tables."""
+    focus = out["comparisons"]["equal_compute"]["focus_versus"]
+    lines = [
+        "# Method comparison", "",
+        f"- Command: `{out['command']}`",
+        f"- Machine: {out['machine']}",
+        f"- Started {out['started']}, finished {out['finished']} (UTC)",
+        f"- Seeds: {args.seeds} (n = {len(args.seeds)}: a 95% interval spans about ±{report_t(len(args.seeds)):.1f} "
+        "standard errors, so only large, consistent differences exclude 0)",
+        f"- Primary metric (fixed before the runs): {out['primary_metric']}. {DECISION_RULE}",
+        f"- **Decision: {out['decision']}**", "",
+        "NSO minus each method, primary metric at equal compute (points, 95% t-interval):", "",
+    ]
+    lines += [f"- vs {m}: {report.interval_text(d, 100.0)}" for m, d in focus.items()]
+    lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; strict accuracy):", ""]
+    for method, rows in out["selection"].items():
+        values = ", ".join(f"{STRENGTH_NAME[method]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
+        lines.append(f"- {method}: {values} -> **{out['strengths'][method]:g}**")
+    for budget, text in sections:
+        lines += ["", f"## {budget.replace('_', ' ').capitalize()}", "", text]
+    return "\n".join(lines) + "\n"
+
+
+def report_t(n: int) -> float:
+    from nso_hf.experiment.statistics import t_quantile
+
+    return t_quantile(0.95, n - 1)
+
+
+def _check_passthrough(tokens: list[str]) -> None:
+    """Parse the finetune_cot.py options once, before any run, so a typo fails in a second, not an hour in."""
+    from nso_hf.cli import parse_with_config
+    from nso_hf.cot.arguments import make_parser
+
+    parse_with_config(make_parser(), [*tokens, "--output_dir", os.devnull])
+
+
+def main_command(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]) or "compare_methods.py", *argv])

@@ -1,0 +1,149 @@
+"""From run results to the comparison: per-seed metrics, mean ± std, paired differences, table and plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from nso_hf.experiment.plan import STRENGTH_NAME, Run
+from nso_hf.experiment.statistics import paired_difference, summarize
+
+BUDGETS = ("equal_compute", "equal_steps")
+# (key, label, format) of the non-accuracy metrics, in table order.
+OTHER_METRICS = (
+    ("hessian_trace", "Hessian trace", "{:.3g}"),
+    ("top_eigenvalue", "top eigenvalue", "{:.3g}"),
+    ("noise_stability", "noise stability", "{:.3g}"),
+    ("noise_stability_relative", "noise stab. / loss", "{:.3g}"),
+    ("final_loss", "final train loss", "{:.4f}"),
+    ("train_loss", "mean train loss", "{:.4f}"),
+    ("seconds_per_step", "s/step", "{:.3f}"),
+    ("peak_memory_mib", "peak MiB", "{:.0f}"),
+)
+
+
+def _value(entry: dict | None, key: str = "value") -> float:
+    return float("nan") if entry is None else float(entry[key])
+
+
+def run_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers one CoT run is compared on: strict accuracy per evaluation source, flatness, cost."""
+    flat = results.get("flatness") or {}
+    memory = results.get("peak_memory_mib")
+    metrics = {f"accuracy_{name}": float(e["exact_match"]) for name, e in results["eval"].items()}
+    metrics.update(
+        hessian_trace=_value(flat.get("hessian_trace")),
+        top_eigenvalue=_value(flat.get("top_eigenvalue")),
+        noise_stability=_value(flat.get("noise_stability")),
+        noise_stability_relative=_value(flat.get("noise_stability"), "relative"),
+        final_loss=float(flat.get("loss", float("nan"))),
+        train_loss=float(results["train"]["train_loss"]),
+        seconds_per_step=float(results["train"]["seconds_per_step"]),
+        peak_memory_mib=float("nan") if memory is None else float(memory),
+    )
+    return metrics
+
+
+def per_seed(runs: Sequence[Run], results: dict[str, dict], budget: str, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[str, list[float]]]:
+    """{method: {metric: [value per seed, in `seeds` order]}} of the test runs of `budget`."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for method in methods:
+        rows = []
+        for seed in seeds:
+            (run,) = [r for r in runs if r.method == method and r.seed == seed and budget in r.budgets]
+            rows.append(run_metrics(results[run.name]))
+        table[method] = {key: [row[key] for row in rows] for key in rows[0]}
+    return table
+
+
+def comparisons(table: dict[str, dict[str, list[float]]], primary: str, reference: str = "none", focus: str = "nso") -> dict[str, Any]:
+    """Summaries per method and metric, each method's paired difference to `reference` on every metric,
+    and `focus`'s paired difference to every other method on the primary metric."""
+    summaries = {m: {k: summarize(v).to_dict() for k, v in metrics.items()} for m, metrics in table.items()}
+    versus_reference = {
+        m: {k: _paired(table[m][k], table[reference][k]) for k in table[m]}
+        for m in table if m != reference and reference in table
+    }
+    versus_focus = {
+        m: _paired(table[focus][primary], table[m][primary]) for m in table if m != focus and focus in table
+    }
+    return {"summary": summaries, "versus_reference": versus_reference, "focus_versus": versus_focus}
+
+
+def _paired(a: list[float], b: list[float]) -> dict[str, Any] | None:
+    if any(math.isnan(x) for x in (*a, *b)):
+        return None
+    return paired_difference(a, b).to_dict()
+
+
+def decision(focus_versus: dict[str, dict], focus: str = "nso") -> str:
+    """The pre-registered rule: `focus` wins only if its interval against every other method lies above 0."""
+    verdicts = {m: d["verdict"] for m, d in focus_versus.items()}
+    if verdicts and all(v == "higher" for v in verdicts.values()):
+        return f"{focus} wins: its paired interval excludes 0 (above) against every other method."
+    parts = [f"{'wins over' if v == 'higher' else 'loses to' if v == 'lower' else 'ties with'} {m}" for m, v in verdicts.items()]
+    return f"{focus} does not win: it " + ", ".join(parts) + "."
+
+
+def _cell(summary: dict, fmt: str, scale: float = 1.0) -> str:
+    if math.isnan(summary["mean"]):
+        return "n/a"
+    std = "" if math.isnan(summary["std"]) else " ± " + fmt.format(summary["std"] * scale)
+    return fmt.format(summary["mean"] * scale) + std
+
+
+def interval_text(d: dict | None, scale: float = 1.0, fmt: str = "{:+.1f}") -> str:
+    if d is None:
+        return "n/a"
+    if math.isnan(d["low"]):
+        return fmt.format(d["mean"] * scale) + " (one seed: no interval)"
+    return f"{fmt.format(d['mean'] * scale)} [{fmt.format(d['low'] * scale)}, {fmt.format(d['high'] * scale)}] {d['verdict']}"
+
+
+def markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], strengths: dict[str, float | None], steps: dict[str, dict[str, int]], seeds: Sequence[int], primary: str, reference: str = "none") -> str:
+    """The tables of one budget: mean ± std over seeds, then paired differences to `reference`."""
+    summary = comparison["summary"]
+    n = len(seeds)
+    accuracy = [(f"accuracy_{name}", f"acc. {name} (%)", "{:.1f}", 100.0) for name in accuracy_names]
+    columns = accuracy + [(k, label, fmt, 1.0) for k, label, fmt in OTHER_METRICS]
+    header = ["method", "strength", "steps"] + [c[1] for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, metrics in summary.items():
+        strength = strengths.get(method)
+        strength_text = "-" if strength is None else f"{STRENGTH_NAME[method]} {strength:g}"
+        cells = [method, strength_text, str(steps[method])] + [_cell(metrics[k], f, s) for k, _, f, s in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Paired difference to `{reference}` (method minus {reference}, mean over {n} seeds, 95% t-interval, "
+              f"t with {n - 1} degrees of freedom; accuracy in points):", ""]
+    keys = [c for c in columns if c[0] in (primary, *(a[0] for a in accuracy), "hessian_trace", "top_eigenvalue",
+                                           "noise_stability_relative", "final_loss")]
+    header = ["method"] + [c[1] for c in keys]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, diffs in comparison["versus_reference"].items():
+        cells = [method] + [interval_text(diffs[k], s, "{:+.1f}" if s == 100.0 else "{:+.3g}") for k, _, _, s in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, path: str) -> None:
+    """Primary accuracy against Hessian trace: one point per seed, one colour per method, a panel per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.2), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (budget, table) in zip(axes[0], tables.items()):
+        for i, (method, metrics) in enumerate(table.items()):
+            ax.scatter(metrics["hessian_trace"], [100 * a for a in metrics[primary]], label=method,
+                       color=colours[i % len(colours)], s=36, alpha=0.85)
+        ax.set_xlabel("Hessian trace of the training loss (adapters)")
+        ax.set_ylabel(f"{primary.replace('accuracy_', 'strict accuracy, ')} (%)")
+        ax.set_title(budget.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

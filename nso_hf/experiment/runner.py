@@ -1,0 +1,124 @@
+"""Run the planned fine-tuning runs: each one a `scripts/finetune_cot.py` run, in its own process.
+
+A run is the CoT script's own code path (`run_cot_finetune`) with its options as command-line tokens,
+so a comparison measures exactly what a user runs. Each run gets a fresh worker process (spawned,
+one run per process): its peak memory is its own, one thread per process keeps two workers on two
+cores from slowing each other, and a crash costs that run only. A finished run leaves
+`cot_results.json` in its folder and is not run again: an interrupted comparison resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from nso_hf.experiment.plan import STRENGTH_NAME, Run
+
+RESULTS_FILE = "cot_results.json"
+
+
+def run_tokens(run: Run, base_argv: Sequence[str], output_root: str, eval_sources: Sequence[str], flatness: Sequence[str]) -> list[str]:
+    """The finetune_cot.py command line of `run`: the shared options, then the run's own (which win)."""
+    tokens = list(base_argv) + [
+        "--method", run.method, "--seed", str(run.seed), "--max_steps", str(run.steps),
+        "--output_dir", os.path.join(output_root, run.name), "--eval_sources", *eval_sources,
+        "--save_final_model", "false", "--save_strategy", "no", "--disable_tqdm", "true",
+    ]
+    if run.strength is not None:
+        tokens += [f"--{STRENGTH_NAME[run.method]}", repr(run.strength)]
+    if run.role == "test":
+        tokens += list(flatness)
+    return tokens
+
+
+def peak_memory_mib() -> tuple[float | None, str]:
+    """(peak memory in MiB, what it is): CUDA's peak allocation, else this process's peak resident set."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
+
+
+def execute(tokens: list[str], own_process: bool = True, log_file: str | None = None) -> dict[str, Any]:
+    """Run finetune_cot.py's code on `tokens`; returns its results with the peak memory added.
+
+    Args:
+        tokens: the command line.
+        own_process: the caller runs this in a fresh process, so the process's peak memory is the run's.
+        log_file: send this process's output there (file descriptors 1 and 2: library output included).
+    """
+    if log_file is not None:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    import torch
+
+    from nso_hf.cli import parse_with_config
+    from nso_hf.cot.arguments import make_parser
+    from nso_hf.cot.finetune import run_cot_finetune
+
+    torch.set_num_threads(1)  # see the module docstring; the CoT demo measured 1 thread faster on 2 busy cores
+    arguments, _ = parse_with_config(make_parser(), tokens)
+    start = time.perf_counter()
+    results = run_cot_finetune(*arguments)
+    results["wall_seconds"] = time.perf_counter() - start
+    memory, kind = peak_memory_mib() if own_process else (None, "not measured: runs shared one process")
+    results["peak_memory_mib"], results["peak_memory_kind"] = memory, kind
+    with open(os.path.join(arguments[2].output_dir, RESULTS_FILE), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)  # rewritten with the memory: its presence marks the run done
+    return results
+
+
+def load_done(folder: str) -> dict[str, Any] | None:
+    """The results of a finished run in `folder`, or None."""
+    path = os.path.join(folder, RESULTS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    return results if "peak_memory_kind" in results else None  # written by execute: the run is complete
+
+
+def run_all(jobs: list[tuple[Run, list[str]]], output_root: str, workers: int) -> dict[str, dict[str, Any]]:
+    """Run every (run, tokens) not already finished; returns {run name: results}.
+
+    Args:
+        jobs: the runs and their command lines.
+        output_root: where the run folders are.
+        workers: parallel worker processes; 0 runs everything in this process (no memory figure).
+    """
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for run, tokens in jobs:
+        done = load_done(os.path.join(output_root, run.name))
+        if done is not None:
+            results[run.name] = done
+        else:
+            todo.append((run, tokens))
+    if todo:
+        print(f"[compare] {len(todo)} runs to do, {len(results)} already done", flush=True)
+    if workers == 0:
+        for i, (run, tokens) in enumerate(todo):
+            print(f"[compare] {i + 1}/{len(todo)} {run.name}", flush=True)
+            results[run.name] = execute(tokens, own_process=False)
+        return results
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, maxtasksperchild=1) as pool:
+        pending = {
+            run.name: pool.apply_async(execute, (tokens, True, os.path.join(output_root, run.name, "log.txt")))
+            for run, tokens in todo
+        }
+        for i, (name, handle) in enumerate(pending.items()):
+            results[name] = handle.get()
+            print(f"[compare] {i + 1}/{len(todo)} done: {name} ({results[name]['wall_seconds']:.0f} s)", flush=True)
+    return results
