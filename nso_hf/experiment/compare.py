@@ -27,7 +27,7 @@ from typing import Any
 
 from nso_hf.config import METHODS
 from nso_hf.experiment import report
-from nso_hf.experiment.plan import STRENGTH_NAME, Run, equal_compute_steps, test_runs, validation_runs
+from nso_hf.experiment.plan import BUDGETS, STRENGTH_NAME, Run, comparison_runs, equal_compute_steps, grid_runs
 from nso_hf.experiment.runner import run_all, run_tokens
 
 DEFAULT_METHODS = ("none", "nso", "rwp", "sam", "flat_lora")
@@ -61,6 +61,10 @@ class ExperimentArguments:
         metadata={"help": f"Methods compared; must include none (the reference) and nso. Any of {METHODS}."},
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Test seeds (at least 2; 3 or more for an interval worth reading)."})
+    budgets: list[str] = field(
+        default_factory=lambda: list(BUDGETS),
+        metadata={"help": "equal_compute (the primary budget) and/or equal_steps.", "choices": list(BUDGETS)},
+    )
     steps: int = field(default=200, metadata={"help": "Optimizer steps at equal steps (one-pass methods get 2x at equal compute)."})
     grid: list[str] = field(
         default_factory=list,
@@ -179,7 +183,9 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     os.makedirs(args.output_dir, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
 
-    selection_runs = validation_runs(tuned, args.selection_seed, args.steps)
+    if workers:  # the runs would each build the tiny default base model at once: build it here, first
+        prepare_base_model(base)
+    selection_runs = grid_runs(tuned, args.selection_seed, args.steps)
     validation = run_all(
         [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in selection_runs],
         args.output_dir, workers,
@@ -190,18 +196,20 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     strengths.update(chosen)
     print(f"[compare] strengths: {strengths}", flush=True)
 
-    runs = test_runs(args.methods, strengths, args.seeds, args.steps)
+    runs = comparison_runs(args.methods, strengths, args.seeds, args.steps, args.budgets)
     results = run_all(
         [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers
     )
     primary = f"accuracy_{args.primary}"
     tables, comparisons, sections = {}, {}, []
-    for budget in report.BUDGETS:
+    budgets = [b for b in BUDGETS if b in args.budgets]
+    for budget in budgets:
         tables[budget] = report.per_seed(runs, results, budget, args.methods, args.seeds)
         comparisons[budget] = report.comparisons(tables[budget], primary)
         steps = {m: args.steps if budget == "equal_steps" else equal_compute_steps(m, args.steps, args.methods) for m in args.methods}
         sections.append((budget, report.markdown(comparisons[budget], args.test_sources, strengths, steps, args.seeds, primary)))
-    verdict = report.decision(comparisons["equal_compute"]["focus_versus"])
+    decisive = budgets[0]  # equal compute when it was run
+    verdict = report.decision(comparisons[decisive]["focus_versus"])
     out = {
         "command": command,
         "machine": machine(),
@@ -209,7 +217,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "arguments": asdict(args),
         "passthrough": passthrough,
-        "primary_metric": f"strict accuracy on {args.primary!r} at equal compute",
+        "primary_metric": f"strict accuracy on {args.primary!r} at {decisive.replace('_', ' ')}",
         "decision_rule": DECISION_RULE,
         "decision": verdict,
         "strengths": strengths,
@@ -229,7 +237,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
 
 
 DECISION_RULE = (
-    "NSO wins only if, at equal compute, its seed-paired 95% t-interval of primary-accuracy difference against "
+    "NSO wins only if, at equal compute (at equal steps when only those were run), its seed-paired 95% t-interval of primary-accuracy difference against "
     "every other method lies above 0; against a method whose interval contains 0 it ties; below 0 it loses. "
     "Every other number is secondary."
 )
@@ -237,7 +245,8 @@ DECISION_RULE = (
 
 def render(out: dict[str, Any], sections: list[tuple[str, str]], args: ExperimentArguments) -> str:
     """results.md: the rule first, then what was chosen, then the tables."""
-    focus = out["comparisons"]["equal_compute"]["focus_versus"]
+    decisive = next(iter(out["comparisons"]))
+    focus = out["comparisons"][decisive]["focus_versus"]
     lines = [
         "# Method comparison", "",
         f"- Command: `{out['command']}`",
@@ -247,7 +256,7 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
         "standard errors, so only large, consistent differences exclude 0)",
         f"- Primary metric (fixed before the runs): {out['primary_metric']}. {DECISION_RULE}",
         f"- **Decision: {out['decision']}**", "",
-        "NSO minus each method, primary metric at equal compute (points, 95% t-interval):", "",
+        f"NSO minus each method, primary metric at {decisive.replace('_', ' ')} (points, 95% t-interval):", "",
     ]
     lines += [f"- vs {m}: {report.interval_text(d, 100.0)}" for m, d in focus.items()]
     lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; strict accuracy):", ""]
@@ -263,6 +272,17 @@ def report_t(n: int) -> float:
     from nso_hf.experiment.statistics import t_quantile
 
     return t_quantile(0.95, n - 1)
+
+
+def prepare_base_model(tokens: list[str]) -> None:
+    """Build (or find) the tiny default base model the runs of `tokens` share; a no-op for any other model."""
+    from nso_hf.cli import parse_with_config
+    from nso_hf.cot.arguments import make_parser
+    from nso_hf.cot.models import resolve_model_source
+
+    script_args = parse_with_config(make_parser(), [*tokens, "--output_dir", os.devnull])[0][0]
+    if script_args.model_name_or_path is None and script_args.preset is None:
+        resolve_model_source(None, None, None, script_args.base_model_cache_dir, script_args.tiny_pretrain_steps)
 
 
 def _check_passthrough(tokens: list[str]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from nso_hf.config import METHODS, NSOConfig, config_for_method
 from nso_hf.passes import pass_plan
 
+BUDGETS = ("equal_compute", "equal_steps")
 # The strength each method is tuned over: sigma (noise std) or rho (ascent radius).
 STRENGTH_NAME = {"nso": "sigma", "rwp": "sigma", "flat_lora": "sigma", "nso_merged": "sigma", "sam": "rho", "asam": "rho"}
 
@@ -57,21 +58,27 @@ def equal_compute_steps(method: str, steps: int, methods: Sequence[str]) -> int:
     return steps * most // passes
 
 
-def validation_runs(grids: dict[str, Sequence[float]], seed: int, steps: int) -> list[Run]:
+def grid_runs(grids: dict[str, Sequence[float]], seed: int, steps: int) -> list[Run]:
     """One run per grid value of every tuned method, at `steps` steps and one selection seed."""
     return [Run(m, float(v), seed, steps, "validation") for m, values in grids.items() for v in values]
 
 
-def test_runs(methods: Sequence[str], strengths: dict[str, float | None], seeds: Sequence[int], steps: int) -> list[Run]:
-    """Every method at equal steps and at equal compute over `seeds`, a run shared where the two coincide."""
+def comparison_runs(
+    methods: Sequence[str], strengths: dict[str, float | None], seeds: Sequence[int], steps: int,
+    budgets: Sequence[str] = BUDGETS,
+) -> list[Run]:
+    """Every method over `seeds` at each of `budgets`, one run where equal steps and equal compute coincide."""
+    unknown = [b for b in budgets if b not in BUDGETS]
+    if unknown or not budgets:
+        raise ValueError(f"budgets must be a non-empty subset of {BUDGETS}, got {list(budgets)}.")
     runs = []
     for seed in seeds:
         for method in methods:
             strength = strengths.get(method)
-            compute = equal_compute_steps(method, steps, methods)
-            if compute == steps:
-                runs.append(Run(method, strength, seed, steps, "test", ("equal_steps", "equal_compute")))
-            else:
-                runs.append(Run(method, strength, seed, steps, "test", ("equal_steps",)))
-                runs.append(Run(method, strength, seed, compute, "test", ("equal_compute",)))
+            by_steps: dict[int, list[str]] = {}
+            for budget in BUDGETS:
+                if budget in budgets:
+                    n = steps if budget == "equal_steps" else equal_compute_steps(method, steps, methods)
+                    by_steps.setdefault(n, []).append(budget)
+            runs += [Run(method, strength, seed, n, "test", tuple(b)) for n, b in by_steps.items()]
     return runs

@@ -9,7 +9,6 @@ from typing import Any
 from nso_hf.experiment.plan import STRENGTH_NAME, Run
 from nso_hf.experiment.statistics import paired_difference, summarize
 
-BUDGETS = ("equal_compute", "equal_steps")
 # (key, label, format) of the non-accuracy metrics, in table order.
 OTHER_METRICS = (
     ("hessian_trace", "Hessian trace", "{:.3g}"),

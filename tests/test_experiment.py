@@ -1,0 +1,191 @@
+"""The comparison pipeline (scripts/compare_methods.py), its statistics, and the sigma finder."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from nso_hf.experiment.plan import comparison_runs, equal_compute_steps, grid_runs, passes_per_micro_batch
+from nso_hf.experiment.statistics import paired_difference, summarize, t_quantile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+
+# Statistics: known answers -----------------------------------------------------------------------
+
+
+def test_summary_and_paired_interval_by_hand():
+    s = summarize([1.0, 2.0, 3.0])
+    assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
+    assert t_quantile(0.95, 2) == pytest.approx(4.302653, abs=1e-6)  # the t table, df = 2
+    # Differences 1, 2, 3: mean 2, std 1, half-width 4.3027 / sqrt(3) = 2.4842: contains 0, a tie.
+    d = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert (d.low, d.high) == (pytest.approx(2 - 2.484138, abs=1e-6), pytest.approx(2 + 2.484138, abs=1e-6))
+    assert d.verdict == "tie"
+    # Pairing: b moves with a (a shared seed effect), the differences barely vary: the interval is tight.
+    a, b = [0.40, 0.50, 0.45], [0.38, 0.48, 0.43]
+    assert paired_difference(a, b).verdict == "higher"
+    assert paired_difference(b, a).verdict == "lower"
+    one = paired_difference([1.0], [0.0])
+    assert math.isnan(one.low) and one.verdict == "tie"
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+# Plan: equal steps and equal compute ---------------------------------------------------------------
+
+
+def test_passes_and_equal_compute():
+    assert {m: passes_per_micro_batch(m) for m in ("none", "nso", "rwp", "sam", "asam", "flat_lora", "nso_merged")} == {
+        "none": 1, "nso": 2, "rwp": 1, "sam": 2, "asam": 2, "flat_lora": 1, "nso_merged": 2,
+    }
+    methods = ["none", "nso", "rwp", "sam", "flat_lora"]
+    assert [equal_compute_steps(m, 200, methods) for m in methods] == [400, 200, 400, 200, 400]
+    assert equal_compute_steps("none", 200, ["none", "rwp"]) == 200  # no two-pass method: nothing to even out
+    runs = comparison_runs(methods, {"nso": 0.01, "rwp": 0.01, "sam": 0.05, "flat_lora": 0.05}, [0, 1], 200)
+    # Two-pass methods: one run serves both budgets; one-pass methods: 200 and 400 steps.
+    assert len(runs) == 2 * (2 + 3 * 2)
+    (nso,) = [r for r in runs if r.method == "nso" and r.seed == 0]
+    assert (nso.steps, nso.budgets) == (200, ("equal_compute", "equal_steps"))
+    assert sorted((r.steps, r.budgets) for r in runs if r.method == "none" and r.seed == 1) == [
+        (200, ("equal_steps",)), (400, ("equal_compute",)),
+    ]
+    assert len({r.name for r in runs}) == len(runs)
+    only = comparison_runs(methods, {}, [0], 200, ["equal_steps"])
+    assert {r.steps for r in only} == {200}
+    with pytest.raises(ValueError, match="budgets"):
+        comparison_runs(methods, {}, [0], 200, ["equal_time"])
+    grid = grid_runs({"nso": [0.01, 0.02], "sam": [0.05]}, 7, 50)
+    assert [(r.method, r.strength, r.seed, r.role) for r in grid] == [
+        ("nso", 0.01, 7, "validation"), ("nso", 0.02, 7, "validation"), ("sam", 0.05, 7, "validation"),
+    ]
+
+
+# Arguments, selection and the decision ----------------------------------------------------------------
+
+
+def test_bad_experiment_arguments_fail_before_any_run():
+    from nso_hf.experiment.compare import ExperimentArguments, parse_assignments
+
+    with pytest.raises(ValueError, match="must include none"):
+        ExperimentArguments(methods=["nso", "sam"])
+    with pytest.raises(ValueError, match="unknown"):
+        ExperimentArguments(methods=["none", "nso", "adam"])
+    with pytest.raises(ValueError, match="at least 2 distinct seeds"):
+        ExperimentArguments(seeds=[0])
+    with pytest.raises(ValueError, match="also a test seed"):
+        ExperimentArguments(seeds=[0, 1], selection_seed=1)
+    with pytest.raises(ValueError, match="overlap"):
+        ExperimentArguments(validation_sources=["test", "x"], selection="test")
+    with pytest.raises(ValueError, match="--primary"):
+        ExperimentArguments(primary="validation")
+    assert parse_assignments(["nso=0.01,0.02", "sam=0.05"], "--grid") == {"nso": [0.01, 0.02], "sam": [0.05]}
+    for bad in ("nso", "none=0.1", "nso=a", "nso=-0.1", "nso=inf"):
+        with pytest.raises(ValueError, match="--grid"):
+            parse_assignments([bad], "--grid")
+
+
+def test_selection_prefers_the_weaker_strength_on_a_tie_and_the_decision_rule():
+    from nso_hf.experiment.compare import select_strengths
+    from nso_hf.experiment.plan import Run
+    from nso_hf.experiment.report import decision
+
+    runs = [Run("nso", s, 9, 10, "validation") for s in (0.01, 0.02, 0.05)]
+    accuracy = {0.01: 0.40, 0.02: 0.40, 0.05: 0.30}
+    results = {r.name: {"eval": {"validation": {"exact_match": accuracy[r.strength]}}} for r in runs}
+    chosen, table = select_strengths(results, runs, "validation")
+    assert chosen == {"nso": 0.01} and [row["strength"] for row in table["nso"]] == [0.01, 0.02, 0.05]
+    higher, tie = {"verdict": "higher"}, {"verdict": "tie"}
+    assert decision({"none": higher, "sam": higher}).startswith("nso wins")
+    assert decision({"none": higher, "sam": tie}) == "nso does not win: it wins over none, ties with sam."
+
+
+# The whole pipeline, tiny ----------------------------------------------------------------------------
+
+
+def test_quick_comparison_end_to_end(tiny_model_dir, tmp_path, one_thread):
+    from compare_methods import main
+
+    out = tmp_path / "cmp"
+    main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "sam", "--model_name_or_path", tiny_model_dir])
+    results = json.loads((out / "results.json").read_text())
+    assert results["strengths"] == {"none": None, "nso": 0.01, "sam": 0.05}
+    assert set(results["per_seed"]) == {"equal_compute", "equal_steps"}
+    for budget, table in results["per_seed"].items():
+        assert set(table) == {"none", "nso", "sam"}
+        for method, metrics in table.items():
+            assert len(metrics["accuracy_test"]) == 2 and len(metrics["accuracy_ood"]) == 2  # two seeds
+            for key in ("hessian_trace", "top_eigenvalue", "noise_stability", "final_loss", "train_loss"):
+                assert all(math.isfinite(v) for v in metrics[key]), (budget, method, key)
+    steps = {(r["method"], tuple(r["budgets"])): r["steps"] for r in results["runs"] if r["seed"] == 0}
+    assert steps[("none", ("equal_steps",))] == 2 and steps[("none", ("equal_compute",))] == 4
+    assert steps[("nso", ("equal_compute", "equal_steps"))] == 2
+    # The comparisons are computed from the per-seed numbers, not copied from anywhere.
+    table = results["per_seed"]["equal_steps"]
+    diff = results["comparisons"]["equal_steps"]["versus_reference"]["nso"]["hessian_trace"]
+    expected = paired_difference(table["nso"]["hessian_trace"], table["none"]["hessian_trace"])
+    assert (diff["mean"], diff["low"]) == (expected.mean, expected.low)
+    text = (out / "results.md").read_text()
+    assert "Decision:" in text and "Primary metric" in text and "95% t-interval" in text
+    assert (out / "results.png").stat().st_size > 1000
+    # A second call finds every run done and runs nothing.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")}
+    main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "sam", "--model_name_or_path", tiny_model_dir])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before
+
+
+def test_a_bad_finetune_option_fails_before_any_run(tmp_path, capsys):
+    from compare_methods import main
+
+    with pytest.raises(SystemExit):
+        main(["--quick", "--output_dir", str(tmp_path / "x"), "--lora_rank", "4"])
+    assert not (tmp_path / "x" / "validation").exists()
+
+
+# The sigma finder -------------------------------------------------------------------------------------
+
+
+class _Bowl(torch.nn.Module):
+    """L(w) = 1 + ||w||^2 / 2 at w = 0: E[L(w + U)] - L(w) = sigma^2 n / 2 exactly in expectation."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return type("Out", (), {"loss": 1 + 0.5 * (self.w**2).sum() + 0 * x.sum()})()
+
+
+def test_sigma_finder_follows_its_rule_on_a_known_curve():
+    from nso_hf.sigma_finder import find_sigma, recommend
+
+    n = 20000  # ||U||^2 concentrates: the measured increase is within a few percent of sigma^2 n / 2
+    model = _Bowl(n)
+    batches = [{"x": torch.zeros(1, dtype=torch.float64)}]
+    search = find_sigma(model, batches, grid=(0.001, 0.002, 0.003, 0.01), target=0.05, num_draws=2)
+    for sigma, increase in zip(search.grid, search.increase):
+        assert increase == pytest.approx(sigma**2 * n / 2, rel=0.05)
+    # 5% of L = 0.05: sigma^2 n / 2 <= 0.05 holds for 0.001 (0.01) and 0.002 (0.04), not 0.003 (0.09).
+    assert search.sigma == 0.002 and search.base_loss == 1.0
+    assert torch.equal(model.w, torch.zeros(n, dtype=torch.float64))  # restored exactly
+    assert "0.002 **<-**" in search.table()
+    assert recommend([0.1, 0.2], [1.0, 2.0], 1.0, 0.05)[0] is None
+    assert recommend([0.1, 0.2], [0.0, 0.01], 1.0, 0.05) == (0.2, "the largest sigma of the grid stays within 5%: larger values may be allowed too")
+    with pytest.raises(ValueError, match="grid"):
+        find_sigma(model, batches, grid=(0.0, 0.01))
+
+
+def test_find_sigma_script_on_a_cot_model(tiny_model_dir, tmp_path, capsys, one_thread):
+    from find_sigma import main
+
+    report = tmp_path / "sigma.json"
+    main(["--model_name_or_path", tiny_model_dir, "--sigma_grid", "0.01", "0.1", "--num_draws", "2",
+          "--num_batches", "1", "--output_dir", str(tmp_path / "o"), "--output_json", str(report)])
+    out = capsys.readouterr().out
+    search = json.loads(report.read_text())
+    assert search["grid"] == [0.01, 0.1] and len(search["increase"]) == 2
+    assert "Recommended: --sigma" in out or "No recommendation" in out
