@@ -8,10 +8,11 @@ to results.json, results.md and results.png in --output_dir. docs/results.md has
     python scripts/compare_methods.py --quick --output_dir /tmp/quick     # the pipeline in < 1 minute
     python scripts/compare_methods.py --methods none nso sam --seeds 0 1 2 3 4 --steps 300 \
         --grid nso=0.005,0.01,0.02 --output_dir outputs/cmp
-    # any other option goes to every finetune_cot.py run, e.g. a real model in bf16 on a GPU:
-    python scripts/compare_methods.py --run_config my_gsm8k.yaml --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct \
-        --bf16 true --use_cpu false --workers 1 --validation_sources data/val.jsonl --selection val \
-        --test_sources data/test.jsonl --primary test
+    # any other option goes to every finetune_cot.py run. A real model in bf16 on GPUs, each run
+    # launched by accelerate (docs/results.md, "On a GPU"):
+    python scripts/compare_methods.py --launcher "accelerate launch --num_processes 8" \
+        --run_config my_gsm8k.yaml --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --bf16 true \
+        --use_cpu false --validation_sources data/val.jsonl --selection val --test_sources data/test.jsonl --primary test
 
 Options: `python scripts/compare_methods.py --help` (the finetune_cot.py options: its own --help).
 """
@@ -25,7 +26,8 @@ from transformers import HfArgumentParser
 
 from nso_hf.experiment.compare import ExperimentArguments, compare_methods, main_command
 
-DEFAULT_RUN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cot_demo_tiny.yaml")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RUN_CONFIG = os.path.join(HERE, "configs", "cot_demo_tiny.yaml")
 
 
 def main(argv: list[str]) -> None:
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> None:
     if args.run_config is None:
         args.run_config = DEFAULT_RUN_CONFIG
     try:
-        compare_methods(args, passthrough, main_command(argv))
+        compare_methods(args, passthrough, main_command(argv), os.path.join(HERE, "finetune_cot.py"))
     except ValueError as error:
         sys.exit(f"compare_methods.py: error: {error}")
 

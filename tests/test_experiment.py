@@ -87,6 +87,14 @@ def test_bad_experiment_arguments_fail_before_any_run():
     for bad in ("nso", "none=0.1", "nso=a", "nso=-0.1", "nso=inf"):
         with pytest.raises(ValueError, match="--grid"):
             parse_assignments([bad], "--grid")
+    from nso_hf.experiment.compare import strength_plan
+
+    tuned, fixed = strength_plan(ExperimentArguments(methods=["none", "nso", "sam"], grid=["sam=0.1,0.2"], strengths=["nso=0.02"]))
+    assert (tuned, fixed) == ({"sam": [0.1, 0.2]}, {"nso": 0.02})
+    with pytest.raises(ValueError, match=r"--grid names \['rwp'\]"):
+        strength_plan(ExperimentArguments(methods=["none", "nso"], grid=["rwp=0.1"]))
+    with pytest.raises(ValueError, match="one value for nso"):
+        strength_plan(ExperimentArguments(strengths=["nso=0.01,0.02"]))
 
 
 def test_selection_prefers_the_weaker_strength_on_a_tie_and_the_decision_rule():
@@ -189,3 +197,17 @@ def test_find_sigma_script_on_a_cot_model(tiny_model_dir, tmp_path, capsys, one_
     search = json.loads(report.read_text())
     assert search["grid"] == [0.01, 0.1] and len(search["increase"]) == 2
     assert "Recommended: --sigma" in out or "No recommendation" in out
+
+
+@pytest.mark.distributed
+def test_runs_through_a_launcher(tiny_model_dir, tmp_path):
+    """--launcher runs each run as its own command (here plain python; on GPUs `accelerate launch`)."""
+    from compare_methods import main
+
+    out = tmp_path / "launched"
+    main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "--budgets", "equal_steps",
+          "--launcher", sys.executable, "--model_name_or_path", tiny_model_dir])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_seed"]) == {"equal_steps"} and len(results["runs"]) == 4
+    assert results["primary_metric"] == "strict accuracy on 'test' at equal steps"
+    assert all((out / r["name"] / "log.txt").exists() for r in results["runs"])

@@ -291,6 +291,7 @@ def run_cot_finetune(
         {"method", "model", "trainable_parameters", "data", "train", "eval": {name: metrics},
          "hessian_trace": {...} or None, "flatness": {loss, hessian_trace, top_eigenvalue, noise_stability} or None}.
     """
+    import torch
     from transformers import DataCollatorForSeq2Seq
 
     from nso_hf.cot.evaluation import evaluate_cot
@@ -333,6 +334,9 @@ def run_cot_finetune(
         "seconds_per_step": train_seconds / steps,
         "resumed_from": resume,
         "resumed_at_step": resumed_at,
+        # This process's peak CUDA allocation in training (None on CPU, where only the process's own
+        # resident-set peak exists: scripts/compare_methods.py records that per run).
+        "peak_cuda_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
     if script_args.save_final_model:
         trainer.save_model(training_args.output_dir)

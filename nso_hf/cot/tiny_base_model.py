@@ -2,7 +2,7 @@
 
 The embedded default of `scripts/finetune_cot.py` needs a base model that already "speaks" the
 synthetic arithmetic corpus, the way a real pretrained LM speaks English, so that LoRA
-fine-tuning has something to adapt. Building one takes about a minute on 2 CPU cores, so it is
+fine-tuning has something to adapt. Building one takes 6-7 minutes on one CPU core, so it is
 saved under a cache folder keyed by every setting that shapes it; a second run loads it.
 
 Pretraining is a plain PyTorch loop, not `Trainer`: it runs on the main process only (inside
@@ -196,7 +196,8 @@ def tiny_base_model_path(spec: TinyBaseSpec | None = None, cache_dir: str | None
     tokenizer = build_tokenizer(texts, spec.vocab_size)
     model = build_model(spec, tokenizer, seed=spec.seed)
     print(f"[pretrain] building the tiny base model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, {spec.pretrain_steps} steps); cached at {path}", flush=True)
+          f"parameters, {spec.pretrain_steps} steps: about {spec.pretrain_steps * 0.2 / 60:.0f} minutes on one CPU core, "
+          f"once); cached at {path}", flush=True)
     losses = pretrain(model, tokenizer, texts, spec)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)

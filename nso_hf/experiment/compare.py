@@ -87,6 +87,11 @@ class ExperimentArguments:
     noise_stability_sigma: float = field(default=0.01, metadata={"help": "Noise std of the noise-stability measure (absolute, adapters)."})
     flatness_batches: int = field(default=2, metadata={"help": "Training batches the flatness measures use."})
     workers: int = field(default=2, metadata={"help": "Runs in parallel, one process (one thread) each; 0: all in this process."})
+    launcher: str | None = field(
+        default=None,
+        metadata={"help": "Run each run as '<launcher> scripts/finetune_cot.py ...', one after another, e.g. "
+                  "'accelerate launch --num_processes 8' on a GPU machine (--workers is then ignored)."},
+    )
     quick: bool = field(default=False, metadata={"help": "A tiny end-to-end run in under a minute: checks the pipeline, proves nothing."})
 
     def __post_init__(self) -> None:
@@ -161,8 +166,36 @@ def select_strengths(validation: dict[str, dict], runs: list[Run], selection: st
     return chosen, table
 
 
-def compare_methods(args: ExperimentArguments, passthrough: list[str], command: str) -> dict[str, Any]:
-    """Run the comparison and write `results.json`, `results.md` and `results.png` into `args.output_dir`."""
+def strength_plan(args: ExperimentArguments) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """({method: grid} of the methods to tune, {method: strength} of those fixed by --strengths).
+
+    Raises:
+        ValueError: a malformed --grid / --strengths, a method not in --methods, or two fixed values.
+    """
+    fixed = parse_assignments(args.strengths, "--strengths")
+    grids = parse_assignments(args.grid, "--grid")
+    for option, given in (("--strengths", fixed), ("--grid", grids)):
+        stray = [m for m in given if m not in args.methods]
+        if stray:
+            raise ValueError(f"{option} names {stray}, which --methods does not compare.")
+    for method, values in fixed.items():
+        if len(values) != 1:
+            raise ValueError(f"--strengths: give one value for {method}, got {values}.")
+    tuned = {m: grids.get(m, list(DEFAULT_GRIDS[m])) for m in args.methods if m in STRENGTH_NAME and m not in fixed}
+    if args.quick:  # one value per method: the selection step runs, with nothing to choose between
+        tuned = {m: [v[len(v) // 2]] for m, v in tuned.items()}
+    return tuned, {m: v[0] for m, v in fixed.items()}
+
+
+def compare_methods(args: ExperimentArguments, passthrough: list[str], command: str, script: str | None = None) -> dict[str, Any]:
+    """Run the comparison and write `results.json`, `results.md` and `results.png` into `args.output_dir`.
+
+    Args:
+        args: what is compared and how.
+        passthrough: finetune_cot.py options shared by every run.
+        command: the command line, for the report.
+        script: finetune_cot.py's path (needed with `args.launcher`).
+    """
     base = (["--config", args.run_config] if args.run_config else []) + (list(QUICK_TOKENS) if args.quick else []) + passthrough
     _check_passthrough(base)
     flatness = [
@@ -170,35 +203,27 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
         "--noise_stability_draws", str(args.noise_stability_draws), "--noise_stability_sigma", repr(args.noise_stability_sigma),
     ]
-    fixed = parse_assignments(args.strengths, "--strengths")
-    grids = {m: list(DEFAULT_GRIDS[m]) for m in args.methods if m in STRENGTH_NAME}
-    grids.update({m: v for m, v in parse_assignments(args.grid, "--grid").items() if m in grids})
-    for method, values in fixed.items():
-        if len(values) != 1:
-            raise ValueError(f"--strengths: give one value for {method}, got {values}.")
-    if args.quick:  # one value per method: the selection step runs, with nothing to choose between
-        grids = {m: [v[len(v) // 2]] for m, v in grids.items()}
-    tuned = {m: v for m, v in grids.items() if m not in fixed}
+    tuned, fixed = strength_plan(args)
     workers = 0 if args.quick else args.workers  # tiny runs: spawning a process would cost more than the run
     os.makedirs(args.output_dir, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
 
-    if workers:  # the runs would each build the tiny default base model at once: build it here, first
+    if workers or args.launcher:  # the runs would each build the tiny default base model at once: build it here, first
         prepare_base_model(base)
     selection_runs = grid_runs(tuned, args.selection_seed, args.steps)
     validation = run_all(
         [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in selection_runs],
-        args.output_dir, workers,
+        args.output_dir, workers, args.launcher, script,
     )
     chosen, selection_table = select_strengths(validation, selection_runs, args.selection)
     strengths: dict[str, float | None] = {m: None for m in args.methods}
-    strengths.update({m: v[0] for m, v in fixed.items() if m in strengths})
+    strengths.update(fixed)
     strengths.update(chosen)
     print(f"[compare] strengths: {strengths}", flush=True)
 
     runs = comparison_runs(args.methods, strengths, args.seeds, args.steps, args.budgets)
     results = run_all(
-        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers
+        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers, args.launcher, script
     )
     primary = f"accuracy_{args.primary}"
     tables, comparisons, sections = {}, {}, []
@@ -259,7 +284,11 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
         f"NSO minus each method, primary metric at {decisive.replace('_', ' ')} (points, 95% t-interval):", "",
     ]
     lines += [f"- vs {m}: {report.interval_text(d, 100.0)}" for m, d in focus.items()]
-    lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; strict accuracy):", ""]
+    fixed = {m: v for m, v in out["strengths"].items() if v is not None and m not in out["selection"]}
+    if fixed:
+        lines += ["", "Strengths given, not selected: " + ", ".join(f"{m} {STRENGTH_NAME[m]} {v:g}" for m, v in fixed.items())]
+    if out["selection"]:
+        lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; strict accuracy):", ""]
     for method, rows in out["selection"].items():
         values = ", ".join(f"{STRENGTH_NAME[method]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
         lines.append(f"- {method}: {values} -> **{out['strengths'][method]:g}**")

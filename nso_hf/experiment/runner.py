@@ -87,13 +87,47 @@ def load_done(folder: str) -> dict[str, Any] | None:
     return results if "peak_memory_kind" in results else None  # written by execute: the run is complete
 
 
-def run_all(jobs: list[tuple[Run, list[str]]], output_root: str, workers: int) -> dict[str, dict[str, Any]]:
+def launch(tokens: list[str], launcher: str, script: str, log_file: str) -> dict[str, Any]:
+    """Run finetune_cot.py as `<launcher> <script> <tokens>` (e.g. `accelerate launch --num_processes 4`).
+
+    The peak memory is the main process's peak CUDA allocation in training (the script records it);
+    on CPU there is none.
+
+    Raises:
+        RuntimeError: the launch failed (its log is named).
+    """
+    import shlex
+    import subprocess
+
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    with open(log_file, "w", encoding="utf-8") as log:
+        done = subprocess.run([*shlex.split(launcher), script, *tokens], stdout=log, stderr=subprocess.STDOUT)
+    folder = os.path.dirname(log_file)
+    if done.returncode != 0 or not os.path.exists(os.path.join(folder, RESULTS_FILE)):
+        raise RuntimeError(f"{launcher} {script} failed (exit {done.returncode}); its output: {log_file}")
+    with open(os.path.join(folder, RESULTS_FILE), encoding="utf-8") as handle:
+        results = json.load(handle)
+    memory = results["train"].get("peak_cuda_memory_mib")
+    results["peak_memory_mib"] = memory
+    results["peak_memory_kind"] = "cuda_max_memory_allocated (main process)" if memory is not None else "not measured"
+    with open(os.path.join(folder, RESULTS_FILE), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    return results
+
+
+def run_all(
+    jobs: list[tuple[Run, list[str]]], output_root: str, workers: int, launcher: str | None = None,
+    script: str | None = None,
+) -> dict[str, dict[str, Any]]:
     """Run every (run, tokens) not already finished; returns {run name: results}.
 
     Args:
         jobs: the runs and their command lines.
         output_root: where the run folders are.
         workers: parallel worker processes; 0 runs everything in this process (no memory figure).
+        launcher: run each run, one after another, as `<launcher> <script> <tokens>` instead (e.g.
+            `accelerate launch --num_processes 8` for multi-GPU runs); `workers` is then ignored.
+        script: finetune_cot.py's path, for `launcher`.
     """
     results: dict[str, dict[str, Any]] = {}
     todo = []
@@ -105,6 +139,13 @@ def run_all(jobs: list[tuple[Run, list[str]]], output_root: str, workers: int) -
             todo.append((run, tokens))
     if todo:
         print(f"[compare] {len(todo)} runs to do, {len(results)} already done", flush=True)
+    if launcher is not None:
+        if script is None:
+            raise ValueError("run_all: a launcher needs the path of finetune_cot.py (script).")
+        for i, (run, tokens) in enumerate(todo):
+            print(f"[compare] {i + 1}/{len(todo)} {launcher} ... {run.name}", flush=True)
+            results[run.name] = launch(tokens, launcher, script, os.path.join(output_root, run.name, "log.txt"))
+        return results
     if workers == 0:
         for i, (run, tokens) in enumerate(todo):
             print(f"[compare] {i + 1}/{len(todo)} {run.name}", flush=True)
