@@ -53,7 +53,8 @@ test-slow: $(STAMP) smollm2
 	$(TEST_ENV) $(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
 # The main job on its embedded offline default: a tiny Llama pretrained on synthetic arithmetic
-# (cached under ~/.cache/nso_hf), then LoRA chain-of-thought fine-tuning with Trainer and NSOTrainer.
+# (6-7 minutes once, cached under ~/.cache/nso_hf), then LoRA chain-of-thought fine-tuning with
+# Trainer and NSOTrainer over 3 seeds, two runs at a time (about 4.5 minutes): docs/results.md.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/finetune_cot.py
 
