@@ -370,7 +370,9 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, no_model_load, case):
 # 9. Every script answers --help ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["finetune_cot.py", "pretrain_clip.py", "demo_smollm2.py"])
+@pytest.mark.parametrize(
+    "script", ["finetune_cot.py", "pretrain_clip.py", "demo_smollm2.py", "compare_methods.py", "find_sigma.py"]
+)
 def test_scripts_answer_help_without_running(script, monkeypatch, capsys):
     import nso_hf.cot.demo as demo
 
@@ -385,7 +387,9 @@ def test_scripts_answer_help_without_running(script, monkeypatch, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:")
-    if script != "demo_smollm2.py":
+    if script == "compare_methods.py":
+        assert "--run_config" in out and "--quick" in out
+    elif script != "demo_smollm2.py":
         assert "--config FILE.yaml" in out
     if script == "finetune_cot.py":
         assert "--recipe {gsm8k,strategyqa,commonsense_qa,aqua_rat,cot_json,jsonl,synthetic}" in out

@@ -21,7 +21,7 @@ class SigmaFinderArguments:
 
     sigma_grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID), metadata={"help": "Sigmas tried."})
     target: float = field(
-        default=DEFAULT_TARGET, metadata={"help": "Largest loss increase allowed, as a fraction of the loss (0.05: 5%)."}
+        default=DEFAULT_TARGET, metadata={"help": "Largest loss increase allowed, as a fraction of the loss (0.05: five percent)."}
     )
     num_draws: int = field(default=8, metadata={"help": "Antithetic noise draws per sigma."})
     num_batches: int = field(default=4, metadata={"help": "Training batches (of --per_device_train_batch_size) measured."})
