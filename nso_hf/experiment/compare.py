@@ -25,12 +25,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nso_hf.config import METHODS
+from nso_hf.config import MERGED_METHODS, METHODS
 from nso_hf.experiment import report
 from nso_hf.experiment.plan import BUDGETS, STRENGTH_NAME, Run, comparison_runs, equal_compute_steps, grid_runs
 from nso_hf.experiment.runner import run_all, run_tokens
 
-DEFAULT_METHODS = ("none", "nso", "rwp", "sam", "flat_lora")
+# Flat-LoRA perturbs the merged LoRA weight, so it runs only on LoRA runs (make experiment-lora adds it).
+DEFAULT_METHODS = ("none", "nso", "rwp", "sam")
 # A small grid per method, the same size for each: three values around the usual setting
 # (NSO/RWP: sigma on the adapters, absolute; SAM: rho; ASAM: rho, larger as in its paper;
 # Flat-LoRA and merged NSO: sigma relative to the merged weight's rows).
@@ -197,7 +198,10 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         script: finetune_cot.py's path (needed with `args.launcher`).
     """
     base = (["--config", args.run_config] if args.run_config else []) + (list(QUICK_TOKENS) if args.quick else []) + passthrough
-    _check_passthrough(base)
+    script_args = _check_passthrough(base)[0]
+    merged = [m for m in args.methods if m in MERGED_METHODS]
+    if merged and script_args.full_finetune:
+        raise ValueError(f"{merged} perturb the merged LoRA weight: they need LoRA runs (--full_finetune false).")
     flatness = [
         "--hessian_trace_probes", str(args.hessian_trace_probes), "--hessian_trace_batches", str(args.flatness_batches),
         "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
@@ -314,12 +318,12 @@ def prepare_base_model(tokens: list[str]) -> None:
         resolve_model_source(None, None, None, script_args.base_model_cache_dir, script_args.tiny_pretrain_steps)
 
 
-def _check_passthrough(tokens: list[str]) -> None:
+def _check_passthrough(tokens: list[str]) -> tuple:
     """Parse the finetune_cot.py options once, before any run, so a typo fails in a second, not an hour in."""
     from nso_hf.cli import parse_with_config
     from nso_hf.cot.arguments import make_parser
 
-    parse_with_config(make_parser(), [*tokens, "--output_dir", os.devnull])
+    return parse_with_config(make_parser(), [*tokens, "--output_dir", os.devnull])[0]
 
 
 def main_command(argv: list[str]) -> str:
