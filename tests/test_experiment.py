@@ -144,6 +144,11 @@ def test_quick_comparison_end_to_end(tiny_model_dir, tmp_path, one_thread):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")}
     main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "sam", "--model_name_or_path", tiny_model_dir])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before
+    # The same folder with other options would mix two experiments: refused, nothing overwritten.
+    with pytest.raises(SystemExit, match="holds a run made with other options"):
+        main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "sam", "--model_name_or_path",
+              tiny_model_dir, "--learning_rate", "0.01"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before
 
 
 def test_a_bad_finetune_option_fails_before_any_run(tmp_path, capsys):
@@ -152,6 +157,10 @@ def test_a_bad_finetune_option_fails_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--quick", "--output_dir", str(tmp_path / "x"), "--lora_rank", "4"])
     assert not (tmp_path / "x" / "validation").exists()
+    # The default task trains every weight: Flat-LoRA has no LoRA weight to merge there.
+    with pytest.raises(SystemExit, match=r"\['flat_lora'\] perturb the merged LoRA weight"):
+        main(["--quick", "--output_dir", str(tmp_path / "y"), "--methods", "none", "nso", "flat_lora"])
+    assert not (tmp_path / "y" / "validation").exists()
 
 
 # The sigma finder -------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The embedded default of `scripts/finetune_cot.py` (`make demo`): Trainer vs NSOTrainer over 3 seeds.
 
-A tiny Llama is pretrained on short synthetic arithmetic problems (1-2 steps; cached), then LoRA
-adapters are fine-tuned on 2-3 step problems with `Trainer` and with `NSOTrainer`, everything else
+A tiny Llama is pretrained on short synthetic arithmetic problems (1-2 steps; cached), then
+fine-tuned (every weight) on 2-3 step problems with `Trainer` and with `NSOTrainer`, everything else
 identical, for seeds 0, 1 and 2: a short run of `scripts/compare_methods.py` (none vs nso, equal
 steps, NSO's sigma the one `make experiment` chose on the validation split). Each run is scored by
 greedy generation on 1,000 held-out 2-3 step problems (in distribution) and 1,000 4-5 step problems
@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 # NSO's sigma in the demo: the value the validation sweep of `make experiment` selected (docs/results.md).
-DEMO_SIGMA = 0.03
+DEMO_SIGMA = 0.01
 DEMO_SEEDS = (0, 1, 2)
 
 
@@ -73,8 +73,8 @@ def summary(out: dict[str, Any]) -> str:
         f"Trainer {100 * spread['none']:.1f} points, NSO {100 * spread['nso']:.1f} points.\n"
         f"[demo] NSO minus Trainer: {100 * d['mean']:+.1f} points, 95% t-interval [{100 * d['low']:+.1f}, "
         f"{100 * d['high']:+.1f}] (n = {n}): {verdict}.\n"
-        "[demo] The full comparison with SAM, RWP and Flat-LoRA, strengths chosen on a validation split: "
-        "make experiment (docs/results.md)."
+        "[demo] The full comparison, with RWP and SAM and strengths chosen on a validation split: make experiment; "
+        "with LoRA and Flat-LoRA: make experiment-lora (docs/results.md)."
     )
 
 

@@ -72,19 +72,32 @@ def execute(tokens: list[str], own_process: bool = True, log_file: str | None = 
     results["wall_seconds"] = time.perf_counter() - start
     memory, kind = peak_memory_mib() if own_process else (None, "not measured: runs shared one process")
     results["peak_memory_mib"], results["peak_memory_kind"] = memory, kind
+    results["command_line"] = list(tokens)  # what a resumed comparison checks before reusing the run
     with open(os.path.join(arguments[2].output_dir, RESULTS_FILE), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)  # rewritten with the memory: its presence marks the run done
     return results
 
 
-def load_done(folder: str) -> dict[str, Any] | None:
-    """The results of a finished run in `folder`, or None."""
+def load_done(folder: str, tokens: list[str]) -> dict[str, Any] | None:
+    """The results of the run of `tokens` finished in `folder`, or None when it has not finished.
+
+    Raises:
+        ValueError: `folder` holds a finished run made with other options (another task, another
+            config): reusing it would mix two experiments in one table.
+    """
     path = os.path.join(folder, RESULTS_FILE)
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as handle:
         results = json.load(handle)
-    return results if "peak_memory_kind" in results else None  # written by execute: the run is complete
+    if "peak_memory_kind" not in results:  # written last by execute / launch: the run did not finish
+        return None
+    if results.get("command_line") != list(tokens):
+        raise ValueError(
+            f"{folder} holds a run made with other options than this comparison's: use another --output_dir, "
+            "or delete the folder to run it again."
+        )
+    return results
 
 
 def launch(tokens: list[str], launcher: str, script: str, log_file: str) -> dict[str, Any]:
@@ -110,6 +123,7 @@ def launch(tokens: list[str], launcher: str, script: str, log_file: str) -> dict
     memory = results["train"].get("peak_cuda_memory_mib")
     results["peak_memory_mib"] = memory
     results["peak_memory_kind"] = "cuda_max_memory_allocated (main process)" if memory is not None else "not measured"
+    results["command_line"] = list(tokens)
     with open(os.path.join(folder, RESULTS_FILE), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     return results
@@ -132,7 +146,7 @@ def run_all(
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for run, tokens in jobs:
-        done = load_done(os.path.join(output_root, run.name))
+        done = load_done(os.path.join(output_root, run.name), tokens)
         if done is not None:
             results[run.name] = done
         else:
