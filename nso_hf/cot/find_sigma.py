@@ -1,7 +1,7 @@
 """`scripts/find_sigma.py`: the sigma finder (`nso_hf.sigma_finder`) on the model and data of a CoT run.
 
 The model is loaded exactly as `scripts/finetune_cot.py` would start training it (same options, same
-seed, fresh LoRA adapters), the first training batches are collated as in training, and the loss
+seed, fresh LoRA adapters when it trains LoRA), the first training batches are collated as in training, and the loss
 increase under noise is measured over the grid on them.
 """
 
@@ -32,25 +32,13 @@ def run_find_sigma(script_args: Any, data_args: Any, training_args: Any, lora_ar
     """Measure the sweep, print its table and the recommendation; returns the `SigmaSearch`."""
     from transformers import DataCollatorForSeq2Seq
 
-    from nso_hf.cot.checks import InputError, resolve_max_length
-    from nso_hf.cot.finetune import (
-        CheckedInputs,
-        build_recipe,
-        data_sources,
-        flatness_batches,
-        load_model,
-        position_limit,
-        training_features,
-    )
+    from nso_hf.cot.checks import InputError
+    from nso_hf.cot.finetune import flatness_batches, load_model, training_features, training_inputs
 
     try:
-        max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
-        recipe = build_recipe(data_args)
-        train_source, _ = data_sources(data_args)
-        train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
+        inputs = training_inputs(script_args, data_args)
     except (ValueError, OSError) as error:
         raise InputError(str(error)) from None
-    inputs = CheckedInputs(recipe, None, max_length, train_source, train_data, recipe.last_report, {}, {})
     model, tokenizer, _, _ = load_model(script_args, training_args, lora_args)
     features, _ = training_features(inputs, data_args, tokenizer)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)

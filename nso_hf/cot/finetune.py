@@ -140,6 +140,21 @@ class CheckedInputs:
     eval_origin: dict[str, str]
 
 
+def training_inputs(script_args: CoTScriptArguments, data_args: CoTDataArguments) -> CheckedInputs:
+    """--max_length checked against the model's positions and the training data read (no evaluation sets).
+
+    Raises:
+        ValueError, OSError: a bad option, a missing or unreadable file, or no training example.
+    """
+    max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
+    recipe = build_recipe(data_args)
+    train_source, _ = data_sources(data_args)
+    train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
+    if len(train_data) == 0:  # local files already raise in Recipe.load; this covers generated splits
+        raise ValueError(f"{train_source}: no examples to use.")
+    return CheckedInputs(recipe, None, max_length, train_source, train_data, recipe.last_report, {}, {})
+
+
 def checked_inputs(
     script_args: CoTScriptArguments, data_args: CoTDataArguments, training_args: Any
 ) -> CheckedInputs:
@@ -153,23 +168,20 @@ def checked_inputs(
     try:
         check_output_dir(training_args.output_dir)
         resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-        max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
-        recipe = build_recipe(data_args)
-        train_source, eval_sources = data_sources(data_args)
-        train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
-        load_report = recipe.last_report
+        inputs = training_inputs(script_args, data_args)
+        _, eval_sources = data_sources(data_args)
         names = eval_source_names(eval_sources)
         eval_sets = {
-            name: recipe.load(source, split=data_args.eval_split, max_samples=data_args.max_eval_samples)
+            name: inputs.recipe.load(source, split=data_args.eval_split, max_samples=data_args.max_eval_samples)
             for name, source in zip(names, eval_sources)
         }
         eval_origin = dict(zip(names, eval_sources))
-        for name, data in [(train_source, train_data), *((eval_origin[n], d) for n, d in eval_sets.items())]:
-            if len(data) == 0:  # local files already raise in Recipe.load; this covers generated splits
-                raise ValueError(f"{name}: no examples to use.")
+        for name, data in eval_sets.items():
+            if len(data) == 0:
+                raise ValueError(f"{eval_origin[name]}: no examples to use.")
     except (ValueError, OSError) as error:  # OSError: a missing file or model folder
         raise InputError(str(error)) from None  # the message says it all; the traceback would bury it
-    return CheckedInputs(recipe, resume, max_length, train_source, train_data, load_report, eval_sets, eval_origin)
+    return dataclasses.replace(inputs, resume=resume, eval_sets=eval_sets, eval_origin=eval_origin)
 
 
 def load_model(script_args: CoTScriptArguments, training_args: Any, lora_args: LoraArguments) -> tuple:
@@ -263,7 +275,9 @@ def measure_flatness(model: Any, batches: list, script_args: CoTScriptArguments,
             e = estimate_top_eigenvalues(m, script_args.top_eigenvalue_iterations, seed=seed)
             result["top_eigenvalue"] = {"value": e.value, "iterations": e.iterations[0], "converged": e.converged[0]}
         if script_args.noise_stability_draws > 0:
-            n = estimate_noise_stability(m, script_args.noise_stability_sigma, script_args.noise_stability_draws, seed=seed)
+            n = estimate_noise_stability(
+                m, script_args.noise_stability_sigma, script_args.noise_stability_draws, seed=seed, base_loss=result["loss"]
+            )
             result["noise_stability"] = {
                 "value": n.value, "stderr": n.stderr, "sigma": n.sigma, "num_draws": n.num_draws,
                 "relative": n.value / n.base_loss if n.base_loss else float("nan"),
