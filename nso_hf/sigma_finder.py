@@ -82,7 +82,7 @@ def find_sigma(
 ) -> SigmaSearch:
     """Loss increase under N(0, sigma^2) noise for each sigma of `grid`, and the recommended sigma.
 
-    Costs 1 + 2 * num_draws forward passes over `batches` per sigma (no backward).
+    Costs one loss evaluation over `batches`, then 2 * num_draws per sigma (forward passes only).
 
     Args:
         model: the model as training will start (with peft: the fresh adapters).
@@ -106,7 +106,7 @@ def find_sigma(
         if not base > 0:
             raise ValueError(f"The loss is {base}: a relative target needs a positive loss.")
         for sigma in grid:
-            estimate = estimate_noise_stability(m, sigma, num_draws, seed=seed)
+            estimate = estimate_noise_stability(m, sigma, num_draws, seed=seed, base_loss=base)
             increase.append(estimate.value)
             stderr.append(estimate.stderr)
     sigma, note = recommend(grid, increase, base, target)
