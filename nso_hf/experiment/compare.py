@@ -29,11 +29,12 @@ from nso_hf.config import MERGED_METHODS, METHODS
 from nso_hf.experiment import report
 from nso_hf.experiment.plan import BUDGETS, STRENGTH_NAME, Run, comparison_runs, equal_compute_steps, grid_runs
 from nso_hf.experiment.runner import run_all, run_tokens
+from nso_hf.experiment.statistics import t_quantile
 
 # Flat-LoRA perturbs the merged LoRA weight, so it runs only on LoRA runs (make experiment-lora adds it).
 DEFAULT_METHODS = ("none", "nso", "rwp", "sam")
 # A small grid per method, the same size for each: three values around the usual setting
-# (NSO/RWP: sigma on the adapters, absolute; SAM: rho; ASAM: rho, larger as in its paper;
+# (NSO/RWP: sigma on the trained weights, absolute; SAM: rho; ASAM: rho, larger as in its paper;
 # Flat-LoRA and merged NSO: sigma relative to the merged weight's rows).
 DEFAULT_GRIDS = {
     "nso": (0.003, 0.01, 0.03),
@@ -85,7 +86,7 @@ class ExperimentArguments:
     hessian_trace_probes: int = field(default=20, metadata={"help": "Hutchinson probes per test run."})
     top_eigenvalue_iterations: int = field(default=20, metadata={"help": "Power iterations per test run."})
     noise_stability_draws: int = field(default=10, metadata={"help": "Noise draws per test run (antithetic)."})
-    noise_stability_sigma: float = field(default=0.01, metadata={"help": "Noise std of the noise-stability measure (absolute, adapters)."})
+    noise_stability_sigma: float = field(default=0.01, metadata={"help": "Noise std of the noise-stability measure (absolute, on the trained weights)."})
     flatness_batches: int = field(default=2, metadata={"help": "Training batches the flatness measures use."})
     workers: int = field(default=2, metadata={"help": "Runs in parallel, one process (one thread) each; 0: all in this process."})
     launcher: str | None = field(
@@ -213,7 +214,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     started = datetime.datetime.now(datetime.timezone.utc)
 
     if workers or args.launcher:  # the runs would each build the tiny default base model at once: build it here, first
-        prepare_base_model(base)
+        prepare_base_model(script_args)
     selection_runs = grid_runs(tuned, args.selection_seed, args.steps)
     validation = run_all(
         [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in selection_runs],
@@ -281,7 +282,7 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
         f"- Command: `{out['command']}`",
         f"- Machine: {out['machine']}",
         f"- Started {out['started']}, finished {out['finished']} (UTC)",
-        f"- Seeds: {args.seeds} (n = {len(args.seeds)}: a 95% interval spans about ±{report_t(len(args.seeds)):.1f} "
+        f"- Seeds: {args.seeds} (n = {len(args.seeds)}: a 95% interval spans about ±{t_quantile(0.95, len(args.seeds) - 1):.1f} "
         "standard errors, so only large, consistent differences exclude 0)",
         f"- Primary metric (fixed before the runs): {out['primary_metric']}. {DECISION_RULE}",
         f"- **Decision: {out['decision']}**", "",
@@ -301,19 +302,10 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
     return "\n".join(lines) + "\n"
 
 
-def report_t(n: int) -> float:
-    from nso_hf.experiment.statistics import t_quantile
-
-    return t_quantile(0.95, n - 1)
-
-
-def prepare_base_model(tokens: list[str]) -> None:
-    """Build (or find) the tiny default base model the runs of `tokens` share; a no-op for any other model."""
-    from nso_hf.cli import parse_with_config
-    from nso_hf.cot.arguments import make_parser
+def prepare_base_model(script_args: Any) -> None:
+    """Build (or find) the tiny default base model the runs share; a no-op for any other model."""
     from nso_hf.cot.models import resolve_model_source
 
-    script_args = parse_with_config(make_parser(), [*tokens, "--output_dir", os.devnull])[0][0]
     if script_args.model_name_or_path is None and script_args.preset is None:
         resolve_model_source(None, None, None, script_args.base_model_cache_dir, script_args.tiny_pretrain_steps)
 

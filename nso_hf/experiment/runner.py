@@ -36,14 +36,22 @@ def run_tokens(run: Run, base_argv: Sequence[str], output_root: str, eval_source
     return tokens
 
 
-def peak_memory_mib() -> tuple[float | None, str]:
-    """(peak memory in MiB, what it is): CUDA's peak allocation, else this process's peak resident set."""
-    import torch
+def record_memory(results: dict[str, Any], tokens: list[str], own_process: bool) -> None:
+    """Add the run's peak memory and command line to its results: the two keys a finished run has.
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
+    The peak is the main process's CUDA allocation in training, which finetune_cot.py records; on CPU,
+    when the run had its process to itself, that process's peak resident set; otherwise none.
+    """
+    cuda = results["train"].get("peak_cuda_memory_mib")
+    if cuda is not None:
+        memory, kind = cuda, "cuda_max_memory_allocated (main process, training)"
+    elif own_process:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        memory, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
+    else:
+        memory, kind = None, "not measured: runs shared one process, or a launcher ran it on CPU"
+    results["peak_memory_mib"], results["peak_memory_kind"] = memory, kind
+    results["command_line"] = list(tokens)  # what a resumed comparison checks before reusing the run
 
 
 def execute(tokens: list[str], own_process: bool = True, log_file: str | None = None) -> dict[str, Any]:
@@ -70,9 +78,7 @@ def execute(tokens: list[str], own_process: bool = True, log_file: str | None = 
     start = time.perf_counter()
     results = run_cot_finetune(*arguments)
     results["wall_seconds"] = time.perf_counter() - start
-    memory, kind = peak_memory_mib() if own_process else (None, "not measured: runs shared one process")
-    results["peak_memory_mib"], results["peak_memory_kind"] = memory, kind
-    results["command_line"] = list(tokens)  # what a resumed comparison checks before reusing the run
+    record_memory(results, tokens, own_process)
     with open(os.path.join(arguments[2].output_dir, RESULTS_FILE), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)  # rewritten with the memory: its presence marks the run done
     return results
@@ -120,10 +126,7 @@ def launch(tokens: list[str], launcher: str, script: str, log_file: str) -> dict
         raise RuntimeError(f"{launcher} {script} failed (exit {done.returncode}); its output: {log_file}")
     with open(os.path.join(folder, RESULTS_FILE), encoding="utf-8") as handle:
         results = json.load(handle)
-    memory = results["train"].get("peak_cuda_memory_mib")
-    results["peak_memory_mib"] = memory
-    results["peak_memory_kind"] = "cuda_max_memory_allocated (main process)" if memory is not None else "not measured"
-    results["command_line"] = list(tokens)
+    record_memory(results, tokens, own_process=False)  # the launcher's processes are not this one
     with open(os.path.join(folder, RESULTS_FILE), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     return results
