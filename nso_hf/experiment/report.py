@@ -138,7 +138,7 @@ def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, pat
         for i, (method, metrics) in enumerate(table.items()):
             ax.scatter(metrics["hessian_trace"], [100 * a for a in metrics[primary]], label=method,
                        color=colours[i % len(colours)], s=36, alpha=0.85)
-        ax.set_xlabel("Hessian trace of the training loss (adapters)")
+        ax.set_xlabel("Hessian trace of the training loss (trained weights)")
         ax.set_ylabel(f"{primary.replace('accuracy_', 'strict accuracy, ')} (%)")
         ax.set_title(budget.replace("_", " "))
         ax.grid(alpha=0.3)
