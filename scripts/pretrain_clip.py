@@ -21,31 +21,11 @@ import logging
 import os
 import sys
 
-from transformers import HfArgumentParser, TrainingArguments
-
-from nso_hf import NSOConfig
-from nso_hf.cli import add_config_argument, parse_with_config
-from nso_hf.clip.arguments import (
-    CLIPDataArguments,
-    CLIPModelArguments,
-    CLIPRunArguments,
-)
-from nso_hf.clip.build import build_task
-from nso_hf.clip.gather import require_shared_noise
-from nso_hf.clip.pipeline import format_table, run_methods
-
-logger = logging.getLogger("pretrain_clip")
+from nso_hf.clip import cli
+from nso_hf.clip.cli import main, make_parser  # noqa: F401 (the script's API, as before)
 
 # This script's defaults where they differ from the dataclasses': a YAML file in the format of --config.
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "clip_digits.yaml")
-
-DATACLASSES = (CLIPModelArguments, CLIPDataArguments, CLIPRunArguments, TrainingArguments, NSOConfig)
-
-
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(DATACLASSES)
-    add_config_argument(parser)
-    return parser
 
 
 def parse(argv: list[str]) -> tuple[tuple, set[str]]:
@@ -54,43 +34,7 @@ def parse(argv: list[str]) -> tuple[tuple, set[str]]:
     Returns:
         (the five dataclasses, the argument names the user gave in the YAML or on the command line).
     """
-    (model_args, data_args, run_args, training_args, nso_config), explicit = parse_with_config(
-        make_parser(), argv, base_config=DEFAULTS
-    )
-    if "method" in explicit:  # one method; without --method, every compare_methods entry
-        run_args.method = nso_config.method
-    return (model_args, data_args, run_args, training_args, nso_config), explicit
-
-
-def main(
-    model_args: CLIPModelArguments,
-    data_args: CLIPDataArguments,
-    run_args: CLIPRunArguments,
-    training_args: TrainingArguments,
-    nso_config: NSOConfig,
-    explicit: set[str],
-) -> dict:
-    if training_args.remove_unused_columns:
-        raise ValueError("remove_unused_columns must be False: the collator reads the image and caption columns.")
-    if "two_point" in explicit and "method" in explicit:
-        raise ValueError(f"--method {nso_config.method} decides one- or two-point noise; drop --two_point.")
-    if run_args.gather_features and any(m != "none" for m in run_args.methods):
-        require_shared_noise(nso_config, explicitly_set="sync_noise_across_ranks" in explicit)
-    task, make_model = build_task(model_args, data_args)
-    results = run_methods(
-        run_args.methods,
-        make_model,
-        task,
-        training_args,
-        nso_config,
-        gather_features=run_args.gather_features,
-        save_model=run_args.save_final_model,
-        max_logit_scale=run_args.max_logit_scale,
-    )
-    if training_args.process_index == 0:
-        print(format_table(results))
-        print(f"results: {training_args.output_dir}/clip_results.json")
-    return results
+    return cli.parse(argv, base_config=DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -421,18 +421,59 @@ def test_image_folder_with_metadata_builds_a_task(tmp_path):
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     data = CLIPDataArguments(image_folder=str(folder), caption_column="text", label_column="label", class_names=["even", "odd"], eval_fraction=0.25)
     task, make_model = build_task(CLIPModelArguments(image_size=16), data)
-    assert (len(task.train), len(task.eval)) == (9, 3)
+    assert (len(task.train), len(task.evals["test"])) == (9, 3)
     batch = task.collator([task.train[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 3, 16, 16)
     model = make_model()
     assert model.config.text_config.eos_token_id == task.collator.tokenizer.eos_token_id
-    metrics = evaluate_clip(model, task.eval, replace(task.collator, augment=None), task.class_names, ["an {} thing"])
+    metrics = evaluate_clip(model, task.evals["test"], replace(task.collator, augment=None), task.class_names, ["an {} thing"])
     hits = metrics["zero_shot_accuracy"] * 3  # a share of the 3 images: a whole number of them
     assert metrics["num_images"] == 3.0 and abs(hits - round(hits)) < 1e-5
     with pytest.raises(ValueError, match="not a ClassLabel"):
         build_task(CLIPModelArguments(image_size=16), replace(data, class_names=None))
     with pytest.raises(ValueError, match="Columns \\['caption'\\] not found"):
         build_task(CLIPModelArguments(image_size=16), replace(data, caption_column="caption"))
+
+
+def test_rotation_moves_pixels_where_the_angle_says_and_fills_with_the_background():
+    import numpy as np
+    from PIL import Image
+
+    from nso_hf.clip.shift import rotate_image
+
+    pixels = np.full((8, 8), 255, dtype=np.uint8)
+    pixels[0:2, 3:5] = 0  # a dark bar at the top centre, on white
+    image = Image.fromarray(pixels, mode="L")
+    same = np.asarray(rotate_image(image, 0.0).convert("L"), dtype=float)
+    assert same.shape == (32, 32)  # upsampled 4x before rotating
+    turned = np.asarray(rotate_image(image, 90.0).convert("L"), dtype=float)  # counter-clockwise: top -> left
+    assert same[:8, 12:20].mean() < 100 and turned[:8, 12:20].mean() > 200
+    assert turned[12:20, :8].mean() < 100 and turned.max() == 255  # the bar is on the left; the corners are white
+
+
+def test_validation_and_rotated_splits_are_disjoint_from_test_and_from_training(tmp_path):
+    import numpy as np
+
+    from nso_hf.clip.arguments import CLIPDataArguments, CLIPModelArguments
+    from nso_hf.clip.build import build_task
+
+    data = CLIPDataArguments(validation_fraction=0.25, eval_sources=["test", "validation", "ood", "ood_validation"], ood_rotation=30.0)
+    task, _ = build_task(CLIPModelArguments(image_size=16), data)
+    assert list(task.evals) == ["test", "validation", "ood", "ood_validation"]
+    test, validation = task.evals["test"], task.evals["validation"]
+    assert (len(test), len(validation), len(task.train)) == (359, 360, 1078)  # 1,797 digits: 20% test, then 25% of the rest
+
+    def keys(split):
+        return {np.asarray(split[i]["pixel_values"]).tobytes() for i in range(len(split))}
+
+    train_keys, test_keys, validation_keys = keys(task.train), keys(test), keys(validation)
+    assert not train_keys & validation_keys and not validation_keys & test_keys and not train_keys & test_keys
+    assert len(task.evals["ood"]) == len(test) and not keys(task.evals["ood"]) & test_keys  # same images, rotated
+    assert task.evals["ood"]["label"] == test["label"] and task.evals["ood_validation"]["label"] == validation["label"]
+    with pytest.raises(ValueError, match="needs a validation split"):
+        CLIPDataArguments(eval_sources=["validation"])
+    with pytest.raises(ValueError, match="eval_sources must name distinct splits"):
+        CLIPDataArguments(eval_sources=["test", "heldout"])
 
 
 @pytest.mark.distributed

@@ -151,6 +151,33 @@ def test_quick_comparison_end_to_end(tiny_model_dir, tmp_path, one_thread):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before
 
 
+def test_quick_clip_comparison_end_to_end(tmp_path, one_thread):
+    """--task clip: pretrain_clip.py runs, chosen on the validation rows, scored on test and the rotated ood split."""
+    from compare_methods import main
+
+    out = tmp_path / "clip"
+    main(["--task", "clip", "--quick", "--output_dir", str(out), "--methods", "none", "nso"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["strengths"] == {"none": None, "nso": 0.01} and results["arguments"]["task"] == "clip"
+    assert results["primary_metric"] == "zero-shot accuracy on 'test' at equal compute"
+    run = json.loads((out / "test" / "none_steps2_seed0" / "eval_results.json").read_text())
+    assert set(run["eval"]) == {"test", "ood"} and run["eval"]["test"]["num_images"] == 16
+    assert "--eval_sources" in run["command_line"] and run["steps"] == 2
+    selection = json.loads((out / "validation" / "nso_sigma0.01_steps2_seed1000" / "eval_results.json").read_text())
+    assert set(selection["eval"]) == {"validation", "ood_validation"} and selection["flatness"] is None
+    for budget, table in results["per_seed"].items():
+        for method, metrics in table.items():
+            assert len(metrics["accuracy_test"]) == 2 and all(0 <= a <= 1 for a in metrics["accuracy_ood"])
+            hits = [a * 16 for a in metrics["accuracy_test"]]  # a share of 16 images: whole numbers
+            assert all(abs(h - round(h)) < 1e-4 for h in hits), hits
+            for key in ("hessian_trace", "top_eigenvalue", "noise_stability", "final_loss", "train_loss", "seconds_per_step"):
+                assert all(math.isfinite(v) for v in metrics[key]), (budget, method, key)
+    text = (out / "results.md").read_text()
+    assert "zero-shot accuracy" in text and "## Equal compute" in text
+    with pytest.raises(SystemExit, match="merged LoRA weight"):  # no LoRA in the CLIP task
+        main(["--task", "clip", "--quick", "--output_dir", str(tmp_path / "z"), "--methods", "none", "nso", "flat_lora"])
+
+
 def test_a_bad_finetune_option_fails_before_any_run(tmp_path, capsys):
     from compare_methods import main
 

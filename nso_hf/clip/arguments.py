@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 from nso_hf.clip.presets import PRESETS
 from nso_hf.clip.trainers import METHODS
+from nso_hf.flatness.final import FlatnessArguments
+
+# The held-out splits a run can be evaluated on (`--eval_sources`); the ood ones are rotated copies.
+EVAL_SOURCES = ("test", "validation", "ood", "ood_validation")
 
 
 @dataclass
@@ -74,6 +78,20 @@ class CLIPDataArguments:
     split_seed: int = field(
         default=0, metadata={"help": "Seed of that hold-out (kept apart from the training seed, so seeds share one test set)."}
     )
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of the train rows held out as a validation split (seeded by split_seed; 0: none). "
+                  "Needed to evaluate on validation or ood_validation, e.g. to choose a strength without the test split."},
+    )
+    eval_sources: list[str] = field(
+        default_factory=lambda: ["test"],
+        metadata={"help": f"Splits evaluated after training, any of {list(EVAL_SOURCES)}: test (the held-out split), "
+                  "validation, and their out-of-distribution copies ood / ood_validation (every image rotated by "
+                  "+-ood_rotation degrees, alternately). The first one's metrics are also the results' top-level keys."},
+    )
+    ood_rotation: float = field(
+        default=30.0, metadata={"help": "Rotation in degrees of the out-of-distribution splits (training never rotates)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many train rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many held-out rows."})
     preprocess_images: bool = field(
@@ -87,10 +105,19 @@ class CLIPDataArguments:
     def __post_init__(self) -> None:
         if self.dataset_name is not None and self.image_folder is not None:
             raise ValueError("Give dataset_name or image_folder, not both.")
+        unknown = [s for s in self.eval_sources if s not in EVAL_SOURCES]
+        if unknown or not self.eval_sources or len(set(self.eval_sources)) != len(self.eval_sources):
+            raise ValueError(f"eval_sources must name distinct splits among {list(EVAL_SOURCES)}, got {self.eval_sources}.")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}.")
+        if self.validation_fraction == 0.0 and {"validation", "ood_validation"} & set(self.eval_sources):
+            raise ValueError("Evaluating on validation / ood_validation needs a validation split: set validation_fraction > 0.")
+        if not math.isfinite(self.ood_rotation):
+            raise ValueError(f"ood_rotation must be a finite number of degrees, got {self.ood_rotation!r}.")
 
 
 @dataclass
-class CLIPRunArguments:
+class CLIPRunArguments(FlatnessArguments):
     # The method is NSOConfig's `--method` (one vocabulary for every script); `parse` in
     # scripts/pretrain_clip.py copies it here when it was given, else compare_methods are trained.
     # Not an argument of its own (init=False): HfArgumentParser would reject the clash with NSOConfig.
@@ -114,6 +141,7 @@ class CLIPRunArguments:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         bad = [m for m in self.compare_methods if m not in METHODS]
         if bad:
             raise ValueError(f"compare_methods may hold {METHODS} only, got {bad}.")

@@ -23,6 +23,7 @@ from nso_hf.clip.preprocessing import (
     preprocess_images,
 )
 from nso_hf.clip.presets import check_eos_id, clip_config_from_preset, preset_image_size
+from nso_hf.clip.shift import rotated_split
 from nso_hf.clip.sources import (
     class_names_of,
     load_hub_splits,
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> tuple[CLIPTask, Callable[[], CLIPModel]]:
     """Load the data, build tokenizer, image processor and collator, and say how to make the model.
+
+    The evaluation splits are those `data_args.eval_sources` names: the held-out split (`test`), the
+    validation rows carved from the train split (`validation`), and rotated copies of either (`ood`,
+    `ood_validation`; see `nso_hf.clip.shift`).
 
     Args:
         model_args, data_args: parsed arguments (`data_args.split_seed` fixes a carved-out held-out split).
@@ -64,10 +69,20 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
         class_names = d.class_names or (class_names_of(train, label_column) if label_column else None)
         if label_column and class_names is None:
             raise ValueError(f"label_column={label_column!r} is not a ClassLabel: give the class names with --class_names.")
+    validation = None
+    if d.validation_fraction > 0:  # carved from the train rows, so no test row is ever used to choose anything
+        parts = train.train_test_split(test_size=d.validation_fraction, seed=d.split_seed)
+        train, validation = parts["train"], parts["test"]
     if d.max_train_samples is not None:
         train = train.select(range(min(d.max_train_samples, len(train))))
     if d.max_eval_samples is not None:
         held_out = held_out.select(range(min(d.max_eval_samples, len(held_out))))
+        if validation is not None:
+            validation = validation.select(range(min(d.max_eval_samples, len(validation))))
+    evals = {}
+    for source in d.eval_sources:  # CLIPDataArguments checked the names, and validation_fraction for the validation ones
+        split = held_out if source in ("test", "ood") else validation
+        evals[source] = rotated_split(split, d.image_column, d.ood_rotation) if source.startswith("ood") else split
 
     m = model_args
     if m.model_name_or_path is not None:
@@ -102,7 +117,7 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
     if is_digits or d.preprocess_images:
         # Once up front: the PIL processor costs about as much per batch as a tiny model's step.
         train = preprocess_images(train, image_processor, d.image_column)
-        held_out = preprocess_images(held_out, image_processor, d.image_column)
+        evals = {name: preprocess_images(split, image_processor, d.image_column) for name, split in evals.items()}
     augment = (
         Augment(tuple(image_processor.image_mean), tuple(image_processor.image_std), crop_scale=(d.crop_scale_min, 1.0), hflip=d.hflip)
         if d.augment
@@ -118,7 +133,7 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
     )
     task = CLIPTask(
         train=train,
-        eval=held_out,
+        evals=evals,
         collator=collator,
         class_names=class_names,
         templates=templates,

@@ -1,8 +1,9 @@
 """Train one CLIP per method on the same data and evaluate each: the library side of `pretrain_clip.py`.
 
 `run_method` builds the Trainer class the method names (`trainers.trainer_class`), trains with the
-logit-scale clamp and a step timer, evaluates the held-out split on the main process and writes
-`eval_results.json`. `run_methods` repeats it per method from the same initial weights and data
+logit-scale clamp and a step timer, optionally measures the flatness of the training loss at the
+final weights (`nso_hf.flatness.final`), evaluates every evaluation split on the main process and
+writes `eval_results.json`. `run_methods` repeats it per method from the same initial weights and data
 order (each model is built from `training_args.seed`), and `format_table` prints the comparison.
 """
 
@@ -23,6 +24,7 @@ from nso_hf.clip.evaluation import evaluate_clip, write_json
 from nso_hf.clip.logit_scale import DEFAULT_MAX_LOGIT_SCALE, LogitScaleClampCallback
 from nso_hf.clip.trainers import nso_kwargs, trainer_class
 from nso_hf.config import NSOConfig
+from nso_hf.flatness.final import FlatnessArguments, flatness_batches, measure_flatness
 from nso_hf.timing import StepTimer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ class CLIPTask:
     """Everything a run needs besides the model and the training arguments.
 
     Attributes:
-        train, eval: datasets of image-caption rows.
+        train: dataset of image-caption rows.
+        evals: {split name: dataset} evaluated after training, in order (the first is the main one).
         collator: the training collator (with augmentation); evaluation uses a copy without it.
         class_names: zero-shot classes (None: no zero-shot accuracy).
         templates: zero-shot prompts with one "{}".
@@ -41,7 +44,7 @@ class CLIPTask:
     """
 
     train: Any
-    eval: Any
+    evals: dict[str, Any]
     collator: CLIPCollator
     class_names: Sequence[str] | None = None
     templates: Sequence[str] = ("a photo of a {}",)
@@ -58,6 +61,7 @@ def run_method(
     gather_features: bool = False,
     save_model: bool = False,
     max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE,
+    flatness: FlatnessArguments | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one model.
 
@@ -70,16 +74,23 @@ def run_method(
         gather_features: contrastive loss over all ranks' features.
         save_model: save the final model, tokenizer and image processor to `output_dir`.
         max_logit_scale: bound of the log temperature, clamped after every optimizer step.
+        flatness: the flatness measures to take at the end, on the first training batches without
+            augmentation (every process takes part; None or none asked: skipped).
 
     Returns:
-        The held-out metrics plus `train_loss`, `steps`, `seconds_per_step` (median of the timed steps),
-        `train_seconds` (Trainer's `train_runtime`), the final `logit_scale` and `method`;
-        on ranks other than the main one, the training numbers only.
+        The first evaluation split's metrics, `eval` ({split: metrics} of every split), `flatness`
+        (or None), `train_loss`, `steps`, `seconds_per_step` (median of the timed steps),
+        `train_seconds` (Trainer's `train_runtime`), `peak_cuda_memory_mib` (training's peak CUDA
+        allocation on this process; None on CPU), the final `logit_scale` and `method`; on ranks
+        other than the main one, the training and flatness numbers only.
     """
     import torch
 
     torch.manual_seed(training_args.seed)
     model = make_model()
+    on_cuda = torch.cuda.is_available() and not training_args.use_cpu
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     cls = trainer_class(method, gather_features)
     timer = StepTimer()
     trainer = cls(
@@ -99,16 +110,24 @@ def run_method(
         "seconds_per_step": timer.median_seconds(),
         "train_seconds": float(result.metrics["train_runtime"]),  # wall time, data loading included
         "logit_scale": float(trainer.model.logit_scale.detach().float().item()),
+        "peak_cuda_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if on_cuda else None,
+        "flatness": None,
     }
+    eval_collator = replace(task.collator, augment=None, random_caption=False)
+    if flatness is not None and flatness.wants_flatness:
+        batches = flatness_batches(task.train, eval_collator, training_args.per_device_train_batch_size, flatness.hessian_trace_batches)
+        out["flatness"] = measure_flatness(trainer.model, batches, flatness, training_args.seed)
     if trainer.is_world_process_zero():
-        eval_collator = replace(task.collator, augment=None, random_caption=False)
-        out.update(
-            evaluate_clip(
-                trainer.model, task.eval, eval_collator, task.class_names, task.templates, task.label_column,
+        evaluations = {
+            name: evaluate_clip(
+                trainer.model, split, eval_collator, task.class_names, task.templates, task.label_column,
                 batch_size=training_args.per_device_eval_batch_size * 4,
             )
-        )
-        if not all(math.isfinite(v) for v in out.values() if isinstance(v, float)):
+            for name, split in task.evals.items()
+        }
+        out.update(next(iter(evaluations.values())))
+        out["eval"] = evaluations
+        if not all(math.isfinite(v) for e in evaluations.values() for v in e.values()):
             logger.warning("Non-finite numbers in the results of method %s: %s", method, out)
         write_json(out, os.path.join(training_args.output_dir, "eval_results.json"))
     if save_model:
@@ -128,6 +147,7 @@ def run_methods(
     gather_features: bool = False,
     save_model: bool = False,
     max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE,
+    flatness: FlatnessArguments | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`run_method` for each method, each in `output_dir/<method>` when there are several; results JSON in `output_dir`."""
     results = {}
@@ -137,7 +157,7 @@ def run_methods(
             args = copy.deepcopy(training_args)
             args.output_dir = os.path.join(training_args.output_dir, method)
         results[method] = run_method(
-            method, make_model, task, args, nso_config, gather_features, save_model, max_logit_scale
+            method, make_model, task, args, nso_config, gather_features, save_model, max_logit_scale, flatness
         )
     if training_args.process_index == 0:
         write_json(results, os.path.join(training_args.output_dir, "clip_results.json"))

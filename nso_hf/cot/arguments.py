@@ -6,11 +6,11 @@ method (`--method none | nso | rwp | sam | asam | flat_lora | nso_merged`) is `N
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from data_recipes import RECIPES
 from data_recipes.answers import ANSWER_KINDS
+from nso_hf.flatness.final import FlatnessArguments
 
 # Recipes whose answer kind is an option; the others fix it (gsm8k: numbers, strategyqa: yes/no, ...).
 KIND_OPTION_RECIPES = ("jsonl", "cot_json")
@@ -19,8 +19,9 @@ PRESETS = ("smollm2",)
 
 
 @dataclass
-class CoTScriptArguments:
-    """Model and evaluation settings (the method and its strength are NSOConfig's)."""
+class CoTScriptArguments(FlatnessArguments):
+    """Model and evaluation settings, and the flatness measures at the end (the method and its strength
+    are NSOConfig's)."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -52,30 +53,6 @@ class CoTScriptArguments:
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Longest generation at evaluation."})
     generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call at evaluation."})
-    hessian_trace_probes: int = field(
-        default=0,
-        metadata={
-            "help": "Hutchinson probes for the Hessian trace of the training loss over the trainable weights at the "
-            "end (0: skip). Needs nso_hf.flatness; costs one Hessian-vector product per probe."
-        },
-    )
-    hessian_trace_batches: int = field(
-        default=1, metadata={"help": "Training batches the flatness measures (trace, eigenvalue, noise stability) use."}
-    )
-    top_eigenvalue_iterations: int = field(
-        default=0,
-        metadata={"help": "Power iterations for the top Hessian eigenvalue of the training loss at the end (0: skip)."},
-    )
-    noise_stability_draws: int = field(
-        default=0,
-        metadata={
-            "help": "Noise draws for the noise stability E[L(W+U)] - L(W) of the training loss at the end (0: skip); "
-            "antithetic, 2 forward passes per draw."
-        },
-    )
-    noise_stability_sigma: float = field(
-        default=0.01, metadata={"help": "Std of the noise U of --noise_stability_draws (absolute, every trainable weight)."}
-    )
     save_final_model: bool = field(
         default=True, metadata={"help": "Save the adapters (or the full model) to output_dir at the end."}
     )
@@ -83,13 +60,7 @@ class CoTScriptArguments:
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}.")
-        if self.hessian_trace_batches < 1:
-            raise ValueError(f"--hessian_trace_batches must be >= 1, got {self.hessian_trace_batches}.")
-        for name in ("hessian_trace_probes", "top_eigenvalue_iterations", "noise_stability_draws"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if not (math.isfinite(self.noise_stability_sigma) and self.noise_stability_sigma > 0):
-            raise ValueError(f"--noise_stability_sigma must be finite and > 0, got {self.noise_stability_sigma}.")
+        super().__post_init__()
 
 
 @dataclass

@@ -33,7 +33,8 @@ def run_find_sigma(script_args: Any, data_args: Any, training_args: Any, lora_ar
     from transformers import DataCollatorForSeq2Seq
 
     from nso_hf.cot.checks import InputError
-    from nso_hf.cot.finetune import flatness_batches, load_model, training_features, training_inputs
+    from nso_hf.cot.finetune import load_model, training_features, training_inputs
+    from nso_hf.flatness.final import flatness_batches
 
     try:
         inputs = training_inputs(script_args, data_args)

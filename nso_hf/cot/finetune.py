@@ -20,6 +20,7 @@ from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 from nso_hf.cot.checks import InputError, check_output_dir, model_position_limit, resolve_max_length
 from nso_hf.cot.resume import resolve_resume_checkpoint
+from nso_hf.flatness.final import flatness_batches, measure_flatness
 
 
 def build_recipe(data_args: CoTDataArguments):
@@ -245,46 +246,6 @@ def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
     return NSOTrainer(nso_config=nso_config, **trainer_kwargs)
 
 
-def flatness_batches(features: Any, collator: Any, batch_size: int, num_batches: int) -> list:
-    """The first `num_batches` training batches, collated: the loss every flatness measure is taken of."""
-    batches = []  # the measures move them to the model's device
-    for b in range(num_batches):
-        rows = [features[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(features)))]
-        if rows:
-            batches.append(collator(rows))
-    return batches
-
-
-def measure_flatness(model: Any, batches: list, script_args: CoTScriptArguments, seed: int) -> dict[str, Any]:
-    """The training loss at the final weights and the flatness measures asked for, over the trainable weights.
-
-    Returns:
-        {"loss", "hessian_trace", "top_eigenvalue", "noise_stability"}; a measure not asked for is None.
-        The trace falls as the model grows confident whatever the method, so it is reported beside
-        `loss`, and noise stability also relative to it (`relative`: the loss increase / the loss).
-    """
-    from nso_hf.flatness import Measurement, estimate_noise_stability, estimate_top_eigenvalues, estimate_trace
-
-    result: dict[str, Any] = {"batches": len(batches), "hessian_trace": None, "top_eigenvalue": None, "noise_stability": None}
-    with Measurement(model, batches) as m:
-        result["loss"] = m.loss()
-        if script_args.hessian_trace_probes > 0:
-            t = estimate_trace(m, script_args.hessian_trace_probes, seed=seed)
-            result["hessian_trace"] = {"value": t.value, "stderr": t.stderr, "num_probes": t.num_probes}
-        if script_args.top_eigenvalue_iterations > 0:
-            e = estimate_top_eigenvalues(m, script_args.top_eigenvalue_iterations, seed=seed)
-            result["top_eigenvalue"] = {"value": e.value, "iterations": e.iterations[0], "converged": e.converged[0]}
-        if script_args.noise_stability_draws > 0:
-            n = estimate_noise_stability(
-                m, script_args.noise_stability_sigma, script_args.noise_stability_draws, seed=seed, base_loss=result["loss"]
-            )
-            result["noise_stability"] = {
-                "value": n.value, "stderr": n.stderr, "sigma": n.sigma, "num_draws": n.num_draws,
-                "relative": n.value / n.base_loss if n.base_loss else float("nan"),
-            }
-    return result
-
-
 def run_cot_finetune(
     script_args: CoTScriptArguments,
     data_args: CoTDataArguments,
@@ -364,7 +325,7 @@ def run_cot_finetune(
         for name, data in eval_sets.items()
     }
     flatness = None
-    if script_args.hessian_trace_probes or script_args.top_eigenvalue_iterations or script_args.noise_stability_draws:
+    if script_args.wants_flatness:
         batches = flatness_batches(
             features, collator, training_args.per_device_train_batch_size, script_args.hessian_trace_batches
         )

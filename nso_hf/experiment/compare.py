@@ -1,7 +1,10 @@
-"""`scripts/compare_methods.py`: methods side by side on one CoT task, over seeds, at equal steps and compute.
+"""`scripts/compare_methods.py`: methods side by side on one task, over seeds, at equal steps and compute.
+
+The task (`--task`, `nso_hf.experiment.tasks`) is CoT fine-tuning (`finetune_cot.py`, strict accuracy)
+or CLIP pretraining (`pretrain_clip.py`, zero-shot accuracy); everything below is the same for both.
 
 1. Strength selection: every tuned method runs once per value of its grid (same steps, one selection
-   seed that is not a test seed) and keeps the value with the best strict accuracy on the selection
+   seed that is not a test seed) and keeps the value with the best accuracy on the selection
    split (`--selection`, a validation split; ties go to the weaker strength). The test splits are
    not looked at.
 2. Test runs: every method with its chosen strength, for every seed, at equal optimizer steps and at
@@ -10,7 +13,7 @@
    pre-registered decision) and `results.png` (accuracy against Hessian trace, a point per seed).
 
 The decision rule is fixed before any run and printed with the results: the primary metric is the
-strict accuracy on `--primary` at equal compute; NSO "wins" only if its seed-paired 95% interval
+accuracy on `--primary` at equal compute; NSO "wins" only if its seed-paired 95% interval
 against every other method lies above 0; an interval containing 0 is a tie. Everything else is secondary.
 """
 
@@ -25,11 +28,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nso_hf.config import MERGED_METHODS, METHODS
+from nso_hf.config import METHODS
 from nso_hf.experiment import report
 from nso_hf.experiment.plan import BUDGETS, STRENGTH_NAME, Run, comparison_runs, equal_compute_steps, grid_runs
 from nso_hf.experiment.runner import run_all, run_tokens
 from nso_hf.experiment.statistics import t_quantile
+from nso_hf.experiment.tasks import TASKS
 
 # Flat-LoRA perturbs the merged LoRA weight, so it runs only on LoRA runs (make experiment-lora adds it).
 DEFAULT_METHODS = ("none", "nso", "rwp", "sam")
@@ -44,19 +48,17 @@ DEFAULT_GRIDS = {
     "flat_lora": (0.02, 0.05, 0.1),
     "nso_merged": (0.02, 0.05, 0.1),
 }
-# --quick: the whole pipeline in well under a minute on 2 CPU cores (a barely pretrained base model,
-# a few steps, a few problems): it checks the plumbing, its numbers mean nothing.
-QUICK_TOKENS = (
-    "--tiny_pretrain_steps", "20", "--synthetic_num_train", "64", "--synthetic_num_eval", "8",
-    "--max_new_tokens", "8", "--generation_batch_size", "8", "--per_device_train_batch_size", "4",
-    "--logging_steps", "1",
-)
 
 
 @dataclass
 class ExperimentArguments:
-    """What is compared, over which seeds, and how (the other options go to finetune_cot.py unchanged)."""
+    """What is compared, over which seeds, and how (the other options go to the task's script unchanged)."""
 
+    task: str = field(
+        default="cot",
+        metadata={"help": "cot: scripts/finetune_cot.py runs (strict accuracy); clip: scripts/pretrain_clip.py runs "
+                  "(zero-shot accuracy).", "choices": list(TASKS)},
+    )
     output_dir: str = field(default="outputs/experiment", metadata={"help": "Run folders and the results go here."})
     methods: list[str] = field(
         default_factory=lambda: list(DEFAULT_METHODS),
@@ -67,7 +69,10 @@ class ExperimentArguments:
         default_factory=lambda: list(BUDGETS),
         metadata={"help": "equal_compute (the primary budget) and/or equal_steps.", "choices": list(BUDGETS)},
     )
-    steps: int = field(default=200, metadata={"help": "Optimizer steps at equal steps (one-pass methods get 2x at equal compute)."})
+    steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps at equal steps (one-pass methods get 2x at equal compute); default: cot 200, clip 300."},
+    )
     grid: list[str] = field(
         default_factory=list,
         metadata={"help": "Strength grids replacing the defaults, e.g. nso=0.003,0.01,0.03 sam=0.02,0.05."},
@@ -80,9 +85,13 @@ class ExperimentArguments:
         default_factory=lambda: ["validation", "ood_validation"], metadata={"help": "Evaluation sources of the selection runs."}
     )
     test_sources: list[str] = field(default_factory=lambda: ["test", "ood"], metadata={"help": "Evaluation sources of the test runs."})
-    selection: str = field(default="validation", metadata={"help": "The validation source whose strict accuracy picks each strength."})
-    primary: str = field(default="test", metadata={"help": "The test source whose strict accuracy at equal compute is the primary metric."})
-    run_config: str | None = field(default=None, metadata={"help": "The finetune_cot.py --config every run starts from."})
+    selection: str = field(default="validation", metadata={"help": "The validation source whose accuracy picks each strength."})
+    primary: str = field(default="test", metadata={"help": "The test source whose accuracy at equal compute is the primary metric."})
+    run_config: str | None = field(
+        default=None,
+        metadata={"help": "The script's --config every run starts from (default: scripts/configs/cot_demo_tiny.yaml, "
+                  "clip_compare.yaml with --task clip)."},
+    )
     hessian_trace_probes: int = field(default=20, metadata={"help": "Hutchinson probes per test run."})
     top_eigenvalue_iterations: int = field(default=20, metadata={"help": "Power iterations per test run."})
     noise_stability_draws: int = field(default=10, metadata={"help": "Noise draws per test run (antithetic)."})
@@ -97,7 +106,11 @@ class ExperimentArguments:
     quick: bool = field(default=False, metadata={"help": "A tiny end-to-end run in under a minute: checks the pipeline, proves nothing."})
 
     def __post_init__(self) -> None:
-        if self.quick:  # see QUICK_TOKENS
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {list(TASKS)}, got {self.task!r}.")
+        if self.steps is None:
+            self.steps = TASKS[self.task].steps
+        if self.quick:  # the whole pipeline in well under a minute (Task.quick_tokens): its numbers mean nothing
             self.steps, self.seeds = min(self.steps, 2), self.seeds[:2]
             self.hessian_trace_probes = min(self.hessian_trace_probes, 2)
             self.top_eigenvalue_iterations = min(self.top_eigenvalue_iterations, 2)
@@ -153,15 +166,15 @@ def machine() -> str:
     return f"{platform.platform()}; {device}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def select_strengths(validation: dict[str, dict], runs: list[Run], selection: str) -> tuple[dict[str, float], dict[str, list[dict]]]:
-    """Each method's strength with the best strict accuracy on `selection`; ties go to the weaker strength."""
+def select_strengths(
+    validation: dict[str, dict], runs: list[Run], selection: str, task_name: str = "cot"
+) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """Each method's strength with the best accuracy on `selection`; ties go to the weaker strength."""
     chosen: dict[str, float] = {}
     table: dict[str, list[dict]] = {}
     for run in runs:
-        results = validation[run.name]
-        table.setdefault(run.method, []).append(
-            {"strength": run.strength, **{name: e["exact_match"] for name, e in results["eval"].items()}}
-        )
+        accuracies = TASKS[task_name].accuracies(validation[run.name])
+        table.setdefault(run.method, []).append({"strength": run.strength, **accuracies})
     for method, rows in table.items():
         best = max(rows, key=lambda r: (r[selection], -r["strength"]))
         chosen[method] = best["strength"]
@@ -194,15 +207,14 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
 
     Args:
         args: what is compared and how.
-        passthrough: finetune_cot.py options shared by every run.
+        passthrough: the script's options shared by every run.
         command: the command line, for the report.
-        script: finetune_cot.py's path (needed with `args.launcher`).
+        script: the task's script path (needed with `args.launcher`, and by the clip task).
     """
-    base = (["--config", args.run_config] if args.run_config else []) + (list(QUICK_TOKENS) if args.quick else []) + passthrough
-    script_args = _check_passthrough(base)[0]
-    merged = [m for m in args.methods if m in MERGED_METHODS]
-    if merged and script_args.full_finetune:
-        raise ValueError(f"{merged} perturb the merged LoRA weight: they need LoRA runs (--full_finetune false).")
+    task = TASKS[args.task]
+    base = (["--config", args.run_config] if args.run_config else []) + (list(task.quick_tokens) if args.quick else []) + passthrough
+    # Parsed once, before any run, so a typo fails in a second, not an hour in.
+    parsed = task.check([*base, "--output_dir", os.devnull], args.methods, script)
     flatness = [
         "--hessian_trace_probes", str(args.hessian_trace_probes), "--hessian_trace_batches", str(args.flatness_batches),
         "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
@@ -213,14 +225,14 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     os.makedirs(args.output_dir, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
 
-    if workers or args.launcher:  # the runs would each build the tiny default base model at once: build it here, first
-        prepare_base_model(script_args)
+    if task.name == "cot" and (workers or args.launcher):  # the runs would each build the tiny default base model at once
+        prepare_base_model(parsed[0])
     selection_runs = grid_runs(tuned, args.selection_seed, args.steps)
     validation = run_all(
         [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in selection_runs],
-        args.output_dir, workers, args.launcher, script,
+        args.output_dir, workers, args.launcher, script, task,
     )
-    chosen, selection_table = select_strengths(validation, selection_runs, args.selection)
+    chosen, selection_table = select_strengths(validation, selection_runs, args.selection, task.name)
     strengths: dict[str, float | None] = {m: None for m in args.methods}
     strengths.update(fixed)
     strengths.update(chosen)
@@ -228,13 +240,14 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
 
     runs = comparison_runs(args.methods, strengths, args.seeds, args.steps, args.budgets)
     results = run_all(
-        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers, args.launcher, script
+        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers,
+        args.launcher, script, task,
     )
     primary = f"accuracy_{args.primary}"
     tables, comparisons, sections = {}, {}, []
     budgets = [b for b in BUDGETS if b in args.budgets]
     for budget in budgets:
-        tables[budget] = report.per_seed(runs, results, budget, args.methods, args.seeds)
+        tables[budget] = report.per_seed(runs, results, budget, args.methods, args.seeds, task)
         comparisons[budget] = report.comparisons(tables[budget], primary)
         steps = {m: args.steps if budget == "equal_steps" else equal_compute_steps(m, args.steps, args.methods) for m in args.methods}
         sections.append((budget, report.markdown(comparisons[budget], args.test_sources, strengths, steps, args.seeds, primary)))
@@ -247,7 +260,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "arguments": asdict(args),
         "passthrough": passthrough,
-        "primary_metric": f"strict accuracy on {args.primary!r} at {decisive.replace('_', ' ')}",
+        "primary_metric": f"{task.accuracy} on {args.primary!r} at {decisive.replace('_', ' ')}",
         "decision_rule": DECISION_RULE,
         "decision": verdict,
         "strengths": strengths,
@@ -293,7 +306,8 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
     if fixed:
         lines += ["", "Strengths given, not selected: " + ", ".join(f"{m} {STRENGTH_NAME[m]} {v:g}" for m, v in fixed.items())]
     if out["selection"]:
-        lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; strict accuracy):", ""]
+        lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; "
+                  f"{TASKS[args.task].accuracy}):", ""]
     for method, rows in out["selection"].items():
         values = ", ".join(f"{STRENGTH_NAME[method]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
         lines.append(f"- {method}: {values} -> **{out['strengths'][method]:g}**")
@@ -308,14 +322,6 @@ def prepare_base_model(script_args: Any) -> None:
 
     if script_args.model_name_or_path is None and script_args.preset is None:
         resolve_model_source(None, None, None, script_args.base_model_cache_dir, script_args.tiny_pretrain_steps)
-
-
-def _check_passthrough(tokens: list[str]) -> tuple:
-    """Parse the finetune_cot.py options once, before any run, so a typo fails in a second, not an hour in."""
-    from nso_hf.cli import parse_with_config
-    from nso_hf.cot.arguments import make_parser
-
-    return parse_with_config(make_parser(), [*tokens, "--output_dir", os.devnull])[0]
 
 
 def main_command(argv: list[str]) -> str:

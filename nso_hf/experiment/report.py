@@ -8,6 +8,7 @@ from typing import Any
 
 from nso_hf.experiment.plan import STRENGTH_NAME, Run
 from nso_hf.experiment.statistics import paired_difference, summarize
+from nso_hf.experiment.tasks import TASKS, Task
 
 # (key, label, format) of the non-accuracy metrics, in table order.
 OTHER_METRICS = (
@@ -26,32 +27,35 @@ def _value(entry: dict | None, key: str = "value") -> float:
     return float("nan") if entry is None else float(entry[key])
 
 
-def run_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """The numbers one CoT run is compared on: strict accuracy per evaluation source, flatness, cost."""
+def run_metrics(results: dict[str, Any], task: Task = TASKS["cot"]) -> dict[str, float]:
+    """The numbers one run is compared on: the task's accuracy per evaluation source, flatness, cost."""
     flat = results.get("flatness") or {}
     memory = results.get("peak_memory_mib")
-    metrics = {f"accuracy_{name}": float(e["exact_match"]) for name, e in results["eval"].items()}
+    train_loss, seconds_per_step, _ = task.train_numbers(results)
+    metrics = {f"accuracy_{name}": value for name, value in task.accuracies(results).items()}
     metrics.update(
         hessian_trace=_value(flat.get("hessian_trace")),
         top_eigenvalue=_value(flat.get("top_eigenvalue")),
         noise_stability=_value(flat.get("noise_stability")),
         noise_stability_relative=_value(flat.get("noise_stability"), "relative"),
         final_loss=float(flat.get("loss", float("nan"))),
-        train_loss=float(results["train"]["train_loss"]),
-        seconds_per_step=float(results["train"]["seconds_per_step"]),
+        train_loss=train_loss,
+        seconds_per_step=seconds_per_step,
         peak_memory_mib=float("nan") if memory is None else float(memory),
     )
     return metrics
 
 
-def per_seed(runs: Sequence[Run], results: dict[str, dict], budget: str, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[str, list[float]]]:
+def per_seed(
+    runs: Sequence[Run], results: dict[str, dict], budget: str, methods: Sequence[str], seeds: Sequence[int], task: Task = TASKS["cot"]
+) -> dict[str, dict[str, list[float]]]:
     """{method: {metric: [value per seed, in `seeds` order]}} of the test runs of `budget`."""
     table: dict[str, dict[str, list[float]]] = {}
     for method in methods:
         rows = []
         for seed in seeds:
             (run,) = [r for r in runs if r.method == method and r.seed == seed and budget in r.budgets]
-            rows.append(run_metrics(results[run.name]))
+            rows.append(run_metrics(results[run.name], task))
         table[method] = {key: [row[key] for row in rows] for key in rows[0]}
     return table
 

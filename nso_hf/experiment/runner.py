@@ -1,10 +1,11 @@
-"""Run the planned fine-tuning runs: each one a `scripts/finetune_cot.py` run, in its own process.
+"""Run the planned runs: each one a run of the task's script (`finetune_cot.py`, `pretrain_clip.py`), in its own process.
 
-A run is the CoT script's own code path (`run_cot_finetune`) with its options as command-line tokens,
-so a comparison measures exactly what a user runs. Each run gets a fresh worker process (spawned,
+A run is the script's own code path (`nso_hf.experiment.tasks`) with its options as command-line
+tokens, so a comparison measures exactly what a user runs. Each run gets a fresh worker process (spawned,
 one run per process): its peak memory is its own, one thread per process keeps two workers on two
-cores from slowing each other, and a crash costs that run only. A finished run leaves
-`cot_results.json` in its folder and is not run again: an interrupted comparison resumes.
+cores from slowing each other, and a crash costs that run only. A finished run leaves its results
+file (`cot_results.json`, `eval_results.json`) in its folder and is not run again: an interrupted
+comparison resumes.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from nso_hf.experiment.plan import STRENGTH_NAME, Run
-
-RESULTS_FILE = "cot_results.json"
+from nso_hf.experiment.tasks import TASKS, Task
 
 
 def run_tokens(run: Run, base_argv: Sequence[str], output_root: str, eval_sources: Sequence[str], flatness: Sequence[str]) -> list[str]:
-    """The finetune_cot.py command line of `run`: the shared options, then the run's own (which win)."""
+    """The command line of `run`: the shared options, then the run's own (which win)."""
     tokens = list(base_argv) + [
         "--method", run.method, "--seed", str(run.seed), "--max_steps", str(run.steps),
         "--output_dir", os.path.join(output_root, run.name), "--eval_sources", *eval_sources,
@@ -36,13 +36,13 @@ def run_tokens(run: Run, base_argv: Sequence[str], output_root: str, eval_source
     return tokens
 
 
-def record_memory(results: dict[str, Any], tokens: list[str], own_process: bool) -> None:
+def record_memory(results: dict[str, Any], tokens: list[str], own_process: bool, task: Task) -> None:
     """Add the run's peak memory and command line to its results: the two keys a finished run has.
 
-    The peak is the main process's CUDA allocation in training, which finetune_cot.py records; on CPU,
+    The peak is the main process's CUDA allocation in training, which both scripts record; on CPU,
     when the run had its process to itself, that process's peak resident set; otherwise none.
     """
-    cuda = results["train"].get("peak_cuda_memory_mib")
+    cuda = task.train_numbers(results)[2]
     if cuda is not None:
         memory, kind = cuda, "cuda_max_memory_allocated (main process, training)"
     elif own_process:
@@ -54,13 +54,17 @@ def record_memory(results: dict[str, Any], tokens: list[str], own_process: bool)
     results["command_line"] = list(tokens)  # what a resumed comparison checks before reusing the run
 
 
-def execute(tokens: list[str], own_process: bool = True, log_file: str | None = None) -> dict[str, Any]:
-    """Run finetune_cot.py's code on `tokens`; returns its results with the peak memory added.
+def execute(
+    tokens: list[str], own_process: bool = True, log_file: str | None = None, task_name: str = "cot", script: str | None = None
+) -> dict[str, Any]:
+    """Run the task's script code on `tokens`; returns its results with the peak memory added.
 
     Args:
         tokens: the command line.
         own_process: the caller runs this in a fresh process, so the process's peak memory is the run's.
         log_file: send this process's output there (file descriptors 1 and 2: library output included).
+        task_name: a key of `TASKS` (a name, so a spawned process can receive it).
+        script: the task's script path (the clip task runs its parse and main).
     """
     if log_file is not None:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
@@ -68,30 +72,29 @@ def execute(tokens: list[str], own_process: bool = True, log_file: str | None = 
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     import torch
-
-    from nso_hf.cli import parse_with_config
-    from nso_hf.cot.arguments import make_parser
-    from nso_hf.cot.finetune import run_cot_finetune
+    from transformers import TrainingArguments
 
     torch.set_num_threads(1)  # see the module docstring; the CoT demo measured 1 thread faster on 2 busy cores
-    arguments, _ = parse_with_config(make_parser(), tokens)
+    task = TASKS[task_name]
+    arguments = task.parse(tokens, script)
     start = time.perf_counter()
-    results = run_cot_finetune(*arguments)
+    results = task.run(arguments)
     results["wall_seconds"] = time.perf_counter() - start
-    record_memory(results, tokens, own_process)
-    with open(os.path.join(arguments[2].output_dir, RESULTS_FILE), "w", encoding="utf-8") as handle:
+    record_memory(results, tokens, own_process, task)
+    output_dir = next(a for a in arguments if isinstance(a, TrainingArguments)).output_dir
+    with open(os.path.join(output_dir, task.results_file), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)  # rewritten with the memory: its presence marks the run done
     return results
 
 
-def load_done(folder: str, tokens: list[str]) -> dict[str, Any] | None:
+def load_done(folder: str, tokens: list[str], results_file: str = TASKS["cot"].results_file) -> dict[str, Any] | None:
     """The results of the run of `tokens` finished in `folder`, or None when it has not finished.
 
     Raises:
         ValueError: `folder` holds a finished run made with other options (another task, another
             config): reusing it would mix two experiments in one table.
     """
-    path = os.path.join(folder, RESULTS_FILE)
+    path = os.path.join(folder, results_file)
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as handle:
@@ -106,8 +109,8 @@ def load_done(folder: str, tokens: list[str]) -> dict[str, Any] | None:
     return results
 
 
-def launch(tokens: list[str], launcher: str, script: str, log_file: str) -> dict[str, Any]:
-    """Run finetune_cot.py as `<launcher> <script> <tokens>` (e.g. `accelerate launch --num_processes 4`).
+def launch(tokens: list[str], launcher: str, script: str, log_file: str, task: Task = TASKS["cot"]) -> dict[str, Any]:
+    """Run the task's script as `<launcher> <script> <tokens>` (e.g. `accelerate launch --num_processes 4`).
 
     The peak memory is the main process's peak CUDA allocation in training (the script records it);
     on CPU there is none.
@@ -122,19 +125,20 @@ def launch(tokens: list[str], launcher: str, script: str, log_file: str) -> dict
     with open(log_file, "w", encoding="utf-8") as log:
         done = subprocess.run([*shlex.split(launcher), script, *tokens], stdout=log, stderr=subprocess.STDOUT)
     folder = os.path.dirname(log_file)
-    if done.returncode != 0 or not os.path.exists(os.path.join(folder, RESULTS_FILE)):
+    path = os.path.join(folder, task.results_file)
+    if done.returncode != 0 or not os.path.exists(path):
         raise RuntimeError(f"{launcher} {script} failed (exit {done.returncode}); its output: {log_file}")
-    with open(os.path.join(folder, RESULTS_FILE), encoding="utf-8") as handle:
+    with open(path, encoding="utf-8") as handle:
         results = json.load(handle)
-    record_memory(results, tokens, own_process=False)  # the launcher's processes are not this one
-    with open(os.path.join(folder, RESULTS_FILE), "w", encoding="utf-8") as handle:
+    record_memory(results, tokens, False, task)  # the launcher's processes are not this one
+    with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     return results
 
 
 def run_all(
     jobs: list[tuple[Run, list[str]]], output_root: str, workers: int, launcher: str | None = None,
-    script: str | None = None,
+    script: str | None = None, task: Task = TASKS["cot"],
 ) -> dict[str, dict[str, Any]]:
     """Run every (run, tokens) not already finished; returns {run name: results}.
 
@@ -144,12 +148,13 @@ def run_all(
         workers: parallel worker processes; 0 runs everything in this process (no memory figure).
         launcher: run each run, one after another, as `<launcher> <script> <tokens>` instead (e.g.
             `accelerate launch --num_processes 8` for multi-GPU runs); `workers` is then ignored.
-        script: finetune_cot.py's path, for `launcher`.
+        script: the task's script path (for `launcher`, and the clip task's in-process runs).
+        task: what the runs are.
     """
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for run, tokens in jobs:
-        done = load_done(os.path.join(output_root, run.name), tokens)
+        done = load_done(os.path.join(output_root, run.name), tokens, task.results_file)
         if done is not None:
             results[run.name] = done
         else:
@@ -158,22 +163,22 @@ def run_all(
         print(f"[compare] {len(todo)} runs to do, {len(results)} already done", flush=True)
     if launcher is not None:
         if script is None:
-            raise ValueError("run_all: a launcher needs the path of finetune_cot.py (script).")
+            raise ValueError(f"run_all: a launcher needs the path of {task.script} (script).")
         for i, (run, tokens) in enumerate(todo):
             print(f"[compare] {i + 1}/{len(todo)} {launcher} ... {run.name}", flush=True)
-            results[run.name] = launch(tokens, launcher, script, os.path.join(output_root, run.name, "log.txt"))
+            results[run.name] = launch(tokens, launcher, script, os.path.join(output_root, run.name, "log.txt"), task)
         return results
     if workers == 0:
         for i, (run, tokens) in enumerate(todo):
             print(f"[compare] {i + 1}/{len(todo)} {run.name}", flush=True)
-            results[run.name] = execute(tokens, own_process=False)
+            results[run.name] = execute(tokens, False, None, task.name, script)
         return results
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, maxtasksperchild=1) as pool:
         pending = {
-            run.name: pool.apply_async(execute, (tokens, True, os.path.join(output_root, run.name, "log.txt")))
+            run.name: pool.apply_async(execute, (tokens, True, os.path.join(output_root, run.name, "log.txt"), task.name, script))
             for run, tokens in todo
         }
         for i, (name, handle) in enumerate(pending.items()):

@@ -36,7 +36,8 @@ one (see `nso_hf.flatness.hvp`). `pac_bayes_curvature` keeps the exact product b
 Layout, one concept per file: `context` (Measurement, parameter selection, batches, loss,
 distributed reduction), `mode` (eval mode and the attention switch), `hvp` (the two products),
 `trace`, `eigen`, `noise_stability`, `pac_bayes`, `landscape`, `report`, `callback`
-(`FlatnessCallback`, imports transformers), `checkpoints` (`load_checkpoint`), `plot`
+(`FlatnessCallback`, imports transformers), `checkpoints` (`load_checkpoint`), `final` (the scripts' end-of-run
+measures and their options), `plot`
 (`plot_landscapes`, needs matplotlib), `statistics`.
 """
 
