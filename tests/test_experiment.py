@@ -247,3 +247,11 @@ def test_runs_through_a_launcher(tiny_model_dir, tmp_path):
     assert set(results["per_seed"]) == {"equal_steps"} and len(results["runs"]) == 4
     assert results["primary_metric"] == "strict accuracy on 'test' at equal steps"
     assert all((out / r["name"] / "log.txt").exists() for r in results["runs"])
+    # The CLIP task through the same launcher: pretrain_clip.py as its own command, its JSON read back.
+    clip = tmp_path / "launched_clip"
+    main(["--task", "clip", "--quick", "--output_dir", str(clip), "--methods", "none", "nso", "--budgets", "equal_steps",
+          "--launcher", sys.executable])
+    results = json.loads((clip / "results.json").read_text())
+    assert results["primary_metric"] == "zero-shot accuracy on 'test' at equal steps" and len(results["runs"]) == 4
+    run = json.loads((clip / "test" / "nso_sigma0.01_steps2_seed1" / "eval_results.json").read_text())
+    assert run["peak_memory_kind"].startswith("not measured") and set(run["eval"]) == {"test", "ood"}

@@ -1,6 +1,7 @@
 """CLIP contrastive pretraining with the NSO step: presets, data, collator, evaluation, trainers.
 
-`scripts/pretrain_clip.py` is the command-line entry; everything it does is importable from here.
+`scripts/pretrain_clip.py` is the command-line entry (its parser and main are `nso_hf.clip.cli`);
+everything it does is importable from here.
 """
 
 from nso_hf.clip.arguments import (
@@ -21,6 +22,7 @@ from nso_hf.clip.logit_scale import LogitScaleClampCallback, clamp_logit_scale
 from nso_hf.clip.metrics import class_embeddings, recall_at_k, zero_shot_accuracy
 from nso_hf.clip.pipeline import CLIPTask, format_table, run_method, run_methods
 from nso_hf.clip.presets import PRESETS, clip_config_from_preset
+from nso_hf.clip.shift import rotate_image, rotated_split
 from nso_hf.clip.tokenizer import build_word_tokenizer
 from nso_hf.clip.trainers import METHODS, trainer_class
 
@@ -45,6 +47,8 @@ __all__ = [
     "gathered_contrastive_loss",
     "recall_at_k",
     "require_shared_noise",
+    "rotate_image",
+    "rotated_split",
     "run_method",
     "run_methods",
     "trainer_class",

@@ -64,7 +64,7 @@ class ExperimentArguments:
         default_factory=lambda: list(DEFAULT_METHODS),
         metadata={"help": f"Methods compared; must include none (the reference) and nso. Any of {METHODS}."},
     )
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Test seeds (at least 2; 3 or more for an interval worth reading)."})
+    seeds: list[int] = field(default_factory=lambda: list(range(10)), metadata={"help": "Test seeds (at least 2; 3 or more for an interval worth reading)."})
     budgets: list[str] = field(
         default_factory=lambda: list(BUDGETS),
         metadata={"help": "equal_compute (the primary budget) and/or equal_steps.", "choices": list(BUDGETS)},
