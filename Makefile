@@ -72,7 +72,7 @@ demo-clip: $(STAMP)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) scripts/pretrain_clip.py
 
 # The comparison of docs/results.md: none, nso, rwp, sam on the embedded task (full fine-tuning),
-# strengths chosen on a validation split, 5 seeds, equal steps and equal compute (about 30 minutes on
+# strengths chosen on a validation split, 10 seeds, equal steps and equal compute (58 minutes on
 # 2 CPU cores; two runs at a time, one thread each). Interrupted, it resumes: finished runs are kept.
 EXPERIMENT_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 experiment: $(STAMP)

@@ -274,7 +274,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     text = render(out, sections, args)
     with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
-    report.plot(tables, primary, os.path.join(args.output_dir, "results.png"))
+    report.plot(tables, primary, os.path.join(args.output_dir, "results.png"), task.accuracy)
     print("\n" + text, flush=True)
     return out
 

@@ -129,8 +129,11 @@ def markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], strength
     return "\n".join(lines)
 
 
-def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, path: str) -> None:
-    """Primary accuracy against Hessian trace: one point per seed, one colour per method, a panel per budget."""
+def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, path: str, accuracy: str = "strict accuracy") -> None:
+    """Primary accuracy against Hessian trace: one point per seed, one colour per method, a panel per budget.
+
+    `accuracy` names what the task's accuracy measures (the y-axis label).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +146,7 @@ def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, pat
             ax.scatter(metrics["hessian_trace"], [100 * a for a in metrics[primary]], label=method,
                        color=colours[i % len(colours)], s=36, alpha=0.85)
         ax.set_xlabel("Hessian trace of the training loss (trained weights)")
-        ax.set_ylabel(f"{primary.replace('accuracy_', 'strict accuracy, ')} (%)")
+        ax.set_ylabel(f"{primary.replace('accuracy_', accuracy + ', ')} (%)")
         ax.set_title(budget.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
