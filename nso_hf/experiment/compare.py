@@ -100,7 +100,7 @@ class ExperimentArguments:
     workers: int = field(default=2, metadata={"help": "Runs in parallel, one process (one thread) each; 0: all in this process."})
     launcher: str | None = field(
         default=None,
-        metadata={"help": "Run each run as '<launcher> scripts/finetune_cot.py ...', one after another, e.g. "
+        metadata={"help": "Run each run as '<launcher> <the task's script> ...', one after another, e.g. "
                   "'accelerate launch --num_processes 8' on a GPU machine (--workers is then ignored)."},
     )
     quick: bool = field(default=False, metadata={"help": "A tiny end-to-end run in under a minute: checks the pipeline, proves nothing."})
@@ -225,8 +225,8 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     os.makedirs(args.output_dir, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
 
-    if task.name == "cot" and (workers or args.launcher):  # the runs would each build the tiny default base model at once
-        prepare_base_model(parsed[0])
+    if workers or args.launcher:  # runs started side by side would each build what they share (the tiny base model)
+        task.prepare(parsed)
     selection_runs = grid_runs(tuned, args.selection_seed, args.steps)
     validation = run_all(
         [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in selection_runs],
@@ -314,14 +314,6 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
     for budget, text in sections:
         lines += ["", f"## {budget.replace('_', ' ').capitalize()}", "", text]
     return "\n".join(lines) + "\n"
-
-
-def prepare_base_model(script_args: Any) -> None:
-    """Build (or find) the tiny default base model the runs share; a no-op for any other model."""
-    from nso_hf.cot.models import resolve_model_source
-
-    if script_args.model_name_or_path is None and script_args.preset is None:
-        resolve_model_source(None, None, None, script_args.base_model_cache_dir, script_args.tiny_pretrain_steps)
 
 
 def main_command(argv: list[str]) -> str:

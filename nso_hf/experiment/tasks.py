@@ -32,10 +32,12 @@ class Task:
         accuracy: what the accuracy columns measure, in words.
         steps: the default optimizer steps at equal steps.
         quick_tokens: the run options of `--quick` (tiny data, tiny model: checks the plumbing only).
+        accuracy_key: the key of the accuracy in each evaluation split's metrics (`eval` of the results).
         parse: command-line tokens (and the script path) -> parsed arguments; raises ValueError.
         run: parsed arguments -> the run's results dict.
-        accuracies: results -> {evaluation source: accuracy in [0, 1]}.
         train_numbers: results -> (mean train loss, seconds per step, peak CUDA MiB or None).
+        trains_lora: parsed arguments -> whether the runs train LoRA adapters (merged methods need them).
+        prepare: parsed arguments -> None; builds, once, what runs started side by side would each build.
     """
 
     name: str
@@ -45,10 +47,16 @@ class Task:
     accuracy: str
     steps: int
     quick_tokens: tuple[str, ...]
+    accuracy_key: str
     parse: Callable[[list[str], str | None], Any]
     run: Callable[[Any], dict[str, Any]]
-    accuracies: Callable[[dict[str, Any]], dict[str, float]]
     train_numbers: Callable[[dict[str, Any]], tuple[float, float, float | None]]
+    trains_lora: Callable[[Any], bool]
+    prepare: Callable[[Any], None]
+
+    def accuracies(self, results: dict[str, Any]) -> dict[str, float]:
+        """{evaluation source: accuracy in [0, 1]} of one run's results."""
+        return {name: float(e[self.accuracy_key]) for name, e in results["eval"].items()}
 
     def check(self, tokens: list[str], methods: Sequence[str], script: str | None) -> Any:
         """Parse the shared run options once and refuse what no run could do; returns the parsed arguments.
@@ -58,7 +66,7 @@ class Task:
         """
         parsed = self.parse(tokens, script)
         merged = [m for m in methods if m in MERGED_METHODS]
-        if merged and (self.name == "clip" or parsed[0].full_finetune):
+        if merged and not self.trains_lora(parsed):
             raise ValueError(f"{merged} perturb the merged LoRA weight: they need LoRA runs (--full_finetune false, CoT task).")
         return parsed
 
@@ -75,6 +83,15 @@ def _cot_run(arguments: Any) -> dict[str, Any]:
     from nso_hf.cot.finetune import run_cot_finetune
 
     return run_cot_finetune(*arguments)
+
+
+def _cot_prepare(parsed: Any) -> None:
+    """Build (or find) the tiny default base model the runs share; a no-op for any other model."""
+    from nso_hf.cot.models import resolve_model_source
+
+    script_args = parsed[0]
+    if script_args.model_name_or_path is None and script_args.preset is None:
+        resolve_model_source(None, None, None, script_args.base_model_cache_dir, script_args.tiny_pretrain_steps)
 
 
 def _cot_train_numbers(results: dict[str, Any]) -> tuple[float, float, float | None]:
@@ -123,10 +140,12 @@ TASKS = {
             "--max_new_tokens", "8", "--generation_batch_size", "8", "--per_device_train_batch_size", "4",
             "--logging_steps", "1",
         ),
+        accuracy_key="exact_match",
         parse=_cot_parse,
         run=_cot_run,
-        accuracies=lambda results: {name: float(e["exact_match"]) for name, e in results["eval"].items()},
         train_numbers=_cot_train_numbers,
+        trains_lora=lambda parsed: not parsed[0].full_finetune,
+        prepare=_cot_prepare,
     ),
     "clip": Task(
         name="clip",
@@ -140,9 +159,11 @@ TASKS = {
             "--max_train_samples", "64", "--max_eval_samples", "16", "--image_size", "16",
             "--per_device_train_batch_size", "16", "--logging_steps", "1",
         ),
+        accuracy_key="zero_shot_accuracy",
         parse=_clip_parse,
         run=_clip_run,
-        accuracies=lambda results: {name: float(e["zero_shot_accuracy"]) for name, e in results["eval"].items()},
         train_numbers=_clip_train_numbers,
+        trains_lora=lambda parsed: False,  # no LoRA option in pretrain_clip.py
+        prepare=lambda parsed: None,  # the digits and the tokenizer are built in each run, in a second
     ),
 }
