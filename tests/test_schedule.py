@@ -18,7 +18,7 @@ from nso_hf import NSOConfig, NSOTrainer
 from nso_hf.ramp import noise_ramp_factor
 from nso_hf.schedule import first_perturbed_step, is_perturbed_step, perturbed_step_count, ramp_factor, scheduled_passes
 
-from conftest import assert_same_weights, lm_examples, params_of, tiny_llama, training_args
+from conftest import assert_same_weights, lm_examples, load_script, params_of, tiny_llama, training_args
 
 
 # 1. The decision: a pure function of (step, max_steps), checked by hand.
@@ -160,3 +160,16 @@ def test_resume_across_the_phase_boundary_repeats_the_uninterrupted_run(tmp_path
         resume_from_checkpoint=str(out / f"checkpoint-{resume_at}")
     )
     assert_same_weights(params_of(model), full, exact=True)
+
+
+# 5. The benchmark's schedule rows and the ratio they should cost.
+def test_benchmark_schedule_rows_and_expected_ratio():
+    bench_script = load_script("benchmark_step.py")
+    row = bench_script["parse_schedule"]("nso", "start=0.5,every=2")
+    assert (row.method, row.start, row.every, row.label) == ("nso", 0.5, 2, "nso late 0.5 every 2")
+    bench = bench_script["BenchArguments"](warmup=2, steps=8)  # steps 0..9; perturbed 5, 7, 9; timed 2..9
+    assert bench_script["expected_time_ratio"](bench, row) == 1 + 3 / 8
+    with pytest.raises(ValueError, match=r"--schedules: 'late=0.5' is not start=F, every=N"):
+        bench_script["parse_schedule"]("nso", "late=0.5")
+    with pytest.raises(ValueError, match=r"NSOConfig.perturb_every must be an int >= 1, got 0"):
+        bench_script["parse_schedule"]("nso", "every=0")
