@@ -98,3 +98,9 @@ def ramp_factor(step: int, max_steps: int, perturb_start: float, ramp: str) -> f
     """
     first = first_perturbed_step(max_steps, perturb_start)
     return noise_ramp_factor(step - first, max_steps - first, ramp)
+
+
+def schedule_name(perturb_start: float, perturb_every: int) -> str:
+    """How reports name a schedule: "late 0.75", "every 2", "late 0.5 every 2", or "" for every step."""
+    parts = ([f"late {perturb_start:g}"] if perturb_start > 0 else []) + ([f"every {perturb_every}"] if perturb_every > 1 else [])
+    return " ".join(parts)

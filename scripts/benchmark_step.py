@@ -38,7 +38,7 @@ from transformers import (
 
 from nso_hf import NSOConfig, NSOTrainer
 from nso_hf.config import MERGED_METHODS, METHODS
-from nso_hf.schedule import is_perturbed_step
+from nso_hf.schedule import is_perturbed_step, schedule_name
 from nso_hf.timing import StepTimer
 
 
@@ -84,8 +84,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        parts = [self.method] + ([f"late {self.start:g}"] if self.start else []) + ([f"every {self.every}"] if self.every > 1 else [])
-        return " ".join(parts)
+        return f"{self.method} {schedule_name(self.start, self.every)}".strip()
 
     @property
     def scheduled(self) -> bool:
