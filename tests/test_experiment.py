@@ -195,8 +195,9 @@ def test_quick_comparison_of_a_scheduled_arm_at_equal_compute(tiny_model_dir, tm
 
     out = tmp_path / "late"
     main(["--quick", "--output_dir", str(out), "--methods", "none", "nso@late0.5", "--focus", "nso@late0.5",
-          "--budgets", "equal_compute", "--model_name_or_path", tiny_model_dir])  # fmt: skip
-    results = json.loads((out / "results.json").read_text())
+          "--budgets", "equal_compute", "--model_name_or_path", tiny_model_dir, "--report_name", "late"])  # fmt: skip
+    assert not (out / "results.json").exists()
+    results = json.loads((out / "late.json").read_text())
     assert results["strengths"] == {"none": None, "nso@late0.5": 0.01}
     steps = {r["method"]: r["steps"] for r in results["runs"] if r["seed"] == 0}
     assert steps == {"none": 3, "nso@late0.5": 2}
@@ -205,7 +206,7 @@ def test_quick_comparison_of_a_scheduled_arm_at_equal_compute(tiny_model_dir, tm
     assert table["none"]["forward_backward_passes"] == table["nso@late0.5"]["forward_backward_passes"] == [3.0, 3.0]
     late = json.loads((out / "test" / "nso_late0.5_sigma0.01_steps2_seed0" / "cot_results.json").read_text())
     assert late["nso_config"]["perturb_start"] == 0.5 and late["train"]["forward_backward_passes"] == 3
-    text = (out / "results.md").read_text()
+    text = (out / "late.md").read_text()
     assert "nso late 0.5 minus each arm" in text and "| nso late 0.5 | sigma 0.01 | 2 |" in text
 
 

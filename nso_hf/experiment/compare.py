@@ -69,6 +69,11 @@ class ExperimentArguments:
                   "(zero-shot accuracy).", "choices": list(TASKS)},
     )
     output_dir: str = field(default="outputs/experiment", metadata={"help": "Run folders and the results go here."})
+    report_name: str = field(
+        default="results",
+        metadata={"help": "The report's file names: <name>.json, .md, .png. Two comparisons with other arms or budgets "
+                  "can share one --output_dir (and every run they have in common) under two names."},
+    )
     methods: list[str] = field(
         default_factory=lambda: list(DEFAULT_METHODS),
         metadata={"help": f"Arms compared; must include none (the reference) and the --focus arm. Each is one of {METHODS}, "
@@ -142,6 +147,8 @@ class ExperimentArguments:
             raise ValueError("--focus must be an arm other than none (the reference).")
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds needs at least 2 distinct seeds (a paired interval needs 2), got {self.seeds}.")
+        if not self.report_name or os.sep in self.report_name or self.report_name.startswith("."):
+            raise ValueError(f"--report_name must be a plain file name, got {self.report_name!r}.")
         if self.selection_seed in self.seeds:
             raise ValueError(f"--selection_seed {self.selection_seed} is also a test seed: keep selection and test runs apart.")
         if self.steps < 1 or self.workers < 0:
@@ -293,12 +300,12 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "comparisons": comparisons,
         "runs": [r.to_dict() for r in runs],
     }
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(args.output_dir, f"{args.report_name}.json"), "w", encoding="utf-8") as handle:
         json.dump(out, handle, indent=1)
     text = render(out, sections, args)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(args.output_dir, f"{args.report_name}.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
-    report.plot(tables, primary, os.path.join(args.output_dir, "results.png"), task.accuracy)
+    report.plot(tables, primary, os.path.join(args.output_dir, f"{args.report_name}.png"), task.accuracy)
     print("\n" + text, flush=True)
     return out
 
