@@ -12,8 +12,9 @@ Peak memory: on CUDA, `max_memory_allocated` in this process; on CPU, the peak r
 a fresh child process per run (Linux VmHWM), reported both in total and as growth over the RSS before
 training. Printed as method/Trainer ratios. Two passes per step are the floor for nso, sam and asam,
 one for rwp and flat_lora. The perturbation schedules (`--schedules`: a late phase, every n-th step)
-of `--schedule_method` are timed the same way, against the ratio they should cost,
-1 + (passes - 1) x the perturbed share of the timed steps.
+of `--schedule_method` are timed the same way: the median of their plain steps and the median of their
+perturbed steps, weighted by their shares, against the ratio they should cost, 1 + (passes - 1) x the
+perturbed share of the timed steps, and their plain steps against Trainer's.
 """
 
 from __future__ import annotations
@@ -192,6 +193,36 @@ def expected_time_ratio(bench: BenchArguments, row: Row) -> float:
     return 1 + (config.passes_per_micro_batch - 1) * share
 
 
+def step_statistics(times: list[float], bench: BenchArguments, row: Row) -> dict[str, float | None]:
+    """The step time of a row: the median step; for a schedule, the medians of its plain and of its perturbed
+    steps, weighted by their shares of the timed steps.
+
+    A mean over two kinds of steps is pulled by every stall of a shared machine, and a median of a mixture
+    is the median of whichever kind is more common; the median of each kind is neither.
+
+    Args:
+        times: the timed steps of every round, round after round (`--steps` per round).
+        bench: the benchmark settings (warm-up steps, timed steps, rounds).
+        row: the row timed (its schedule says which steps were perturbed).
+
+    Returns:
+        s_per_step (the step time compared with Trainer's), mean_s_per_step, and for a schedule
+        plain_s_per_step and perturbed_s_per_step (None when the timed steps have none of that kind).
+    """
+    stats: dict[str, float | None] = {"s_per_step": statistics.median(times), "mean_s_per_step": statistics.mean(times)}
+    if not row.scheduled:
+        return stats
+    total = bench.warmup + bench.steps
+    perturbed = [is_perturbed_step(t, total, row.start, row.every) for t in range(bench.warmup, total)] * bench.rounds
+    kinds = {
+        "plain_s_per_step": [s for s, p in zip(times, perturbed, strict=True) if not p],
+        "perturbed_s_per_step": [s for s, p in zip(times, perturbed, strict=True) if p],
+    }
+    stats.update({key: statistics.median(v) if v else None for key, v in kinds.items()})
+    stats["s_per_step"] = sum(statistics.median(v) * len(v) for v in kinds.values() if v) / len(times)
+    return stats
+
+
 def main(bench: BenchArguments) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results = {"device": device, "settings": {k: v for k, v in asdict(bench).items() if k not in ("child", "output_json")}}
@@ -202,10 +233,14 @@ def main(bench: BenchArguments) -> dict:
     print(
         f"# NSOTrainer methods (k=1, lam=0, sigma={bench.sigma}, rho={bench.rho}) vs Trainer on {device}; "
         f"{bench.rounds} x {bench.steps} steps (each run after {bench.warmup} warm-up steps, the runs alternating). "
-        "Time ratios: of the median step for every-step methods, of the mean step for schedules (their steps are "
-        "plain or perturbed); 'expected': 1 + (passes - 1) x the perturbed share of the timed steps."
+        "Time ratios of the median step; a schedule's step is the median of its plain steps and the median of its "
+        "perturbed steps, weighted by their shares ('plain': its plain steps' median over Trainer's median). "
+        "'expected': 1 + (passes - 1) x the perturbed share of the timed steps."
     )
-    print(f"{'mode':<6}{'method':<22}{'s/step':>10}{'time ratio':>12}{'expected':>10}{'peak-mem ratio':>16}{'growth ratio':>14}")
+    print(
+        f"{'mode':<6}{'method':<22}{'s/step':>10}{'time ratio':>12}{'expected':>10}{'plain':>8}"
+        f"{'peak-mem ratio':>16}{'growth ratio':>14}"
+    )
     for mode in bench.modes:
         if mode not in ("lora", "full"):
             raise ValueError(f"--modes takes 'lora' and/or 'full', got {mode!r}")
@@ -219,7 +254,7 @@ def main(bench: BenchArguments) -> dict:
                 times[row] += trainer.step_times
                 del trainer
         for row in times:
-            out[row] = {"s_per_step": statistics.median(times[row]), "mean_s_per_step": statistics.mean(times[row])}
+            out[row] = step_statistics(times[row], bench, row)
             if torch.cuda.is_available():
                 trainer = run(dataclasses.replace(bench, steps=2, warmup=1), row, mode)
                 out[row]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -232,14 +267,16 @@ def main(bench: BenchArguments) -> dict:
         t = out[Row("trainer")]
         for row in rows:
             n = out[row]
-            key = "mean_s_per_step" if row.scheduled else "s_per_step"
-            n["time_ratio"] = n[key] / t[key]
+            n["time_ratio"] = n["s_per_step"] / t["s_per_step"]
+            plain = n.get("plain_s_per_step")
+            n["plain_step_ratio"] = None if plain is None else plain / t["s_per_step"]
             n["expected_time_ratio"] = None if row.method == "trainer" else expected_time_ratio(bench, row)
             n["peak_memory_ratio"] = n["peak_mb"] / t["peak_mb"]
             n["memory_growth_ratio"] = n["growth_mb"] / t["growth_mb"]
             expected = "" if n["expected_time_ratio"] is None else f"{n['expected_time_ratio']:.2f}"
+            plain = "" if n["plain_step_ratio"] is None else f"{n['plain_step_ratio']:.2f}"
             print(
-                f"{mode:<6}{row.label:<22}{n[key]:>10.4f}{n['time_ratio']:>12.3f}{expected:>10}"
+                f"{mode:<6}{row.label:<22}{n['s_per_step']:>10.4f}{n['time_ratio']:>12.3f}{expected:>10}{plain:>8}"
                 f"{n['peak_memory_ratio']:>16.3f}{n['memory_growth_ratio']:>14.3f}"
             )
         results[mode] = {row.label: value for row, value in out.items()}
