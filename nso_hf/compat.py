@@ -140,6 +140,37 @@ def zero3_params(params: list[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if hasattr(p, "ds_tensor")]
 
 
+# torch 2.x (checked 2.13): BatchNorm's and InstanceNorm's running statistics are written in place by the
+# native kernel without bumping the tensors' version counters (measured on CPU), so nso_hf/buffers.py copies
+# them in every micro-batch instead of learning them. `_NormBase` is the private base of every such layer
+# (BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones, InstanceNorm with track_running_stats).
+# Pinned by tests/test_replay.py (test_batchnorm_running_stats_do_not_bump_version_counters).
+def natively_updated_buffers(module: nn.Module) -> tuple[str, ...]:
+    """Names of `module`'s own buffers that a training forward updates inside a native kernel."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    if isinstance(module, _NormBase) and module.track_running_stats:
+        return tuple(n for n in ("running_mean", "running_var", "num_batches_tracked") if module._buffers.get(n) is not None)
+    return ()
+
+
+# torch 2.x (checked 2.13) DDP with `broadcast_buffers` (Trainer's default): a DDP forward first copies rank 0's
+# buffers into every rank, but only when the forward before it synced gradients (`require_forward_param_sync`,
+# via the private `_check_sync_bufs_pre_fwd`), and it keeps the buffers' version counters. The passes of a
+# micro-batch after the first run under no_sync, so only the first pass would start from rank 0's buffers, and
+# the others, restored to the buffers as they were before the micro-batch, from this rank's own. So the broadcast
+# the first forward would make is made before the micro-batch's buffers are captured (`_sync_buffers`, the
+# function DDP's forward calls), and the forward is told it has been made: the same collective, once, earlier.
+# Pinned by tests/test_ddp.py (BatchNorm under DDP: sigma = 0 equals Trainer on every rank, bit for bit).
+def broadcast_buffers_now(model: nn.Module) -> None:
+    """Make now the buffer broadcast that a DDP module's next forward would make. Elsewhere a no-op."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
+        model._sync_buffers()
+        model.require_forward_param_sync = False  # the forward's own broadcast is done
+
+
 # trl >= 1.0 (checked 1.16): `SFTTrainer.compute_loss` advances `_total_train_tokens` and mirrors it in
 # `_metrics["train"]["num_tokens"]` once per call; the step calls it once per pass. Pinned by
 # tests/test_trl.py.

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from nso_hf.buffers import BufferTracker
 from nso_hf.compat import (
     count_once,
     defer_gradient_sync,
@@ -38,7 +39,7 @@ from nso_hf.merged import lora_targets, merged_row_rms
 from nso_hf.noise import Perturbation, draw_seed, filter_parameters, is_sharded, local_tensor, select_parameters
 from nso_hf.passes import Pass, pass_plan, scale_gradient
 from nso_hf.ramp import noise_ramp_factor
-from nso_hf.rng import GlobalRNGState
+from nso_hf.replay import PassReplay
 from nso_hf.sam import sam_perturbation
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class NSOMixin:
         self._nso_warned_zero_ascent = False
         self._nso_window = (-1, 0)  # (global step, micro-batches seen in its accumulation window)
         self._nso_log = _NSOLogAccumulator()
+        self._nso_buffers = BufferTracker()  # which buffers a forward changes, learned on the first micro-batch
         super().__init__(*args, **kwargs)
         check_engine(self, nso_config)
         if nso_config.method in MERGED_METHODS:
@@ -92,10 +94,10 @@ class NSOMixin:
         seeds = self._nso_seed_table(named, step, micro_step)
         syncs = self.accelerator.sync_gradients  # does this micro-batch end its accumulation window?
 
-        # Snapshot W (the one extra copy) and the global RNG (so every pass draws the same dropout).
+        # Snapshot W (the one extra copy), the global generators and the buffers a forward changes (replay.py).
         params = [p for _, p in named]
         perturbation = self._nso_perturbation(params, step)
-        rng = GlobalRNGState.capture()
+        replay = PassReplay(model, plan, self._nso_buffers)
         counters = snapshot_counters(self)
         passes: list[tuple[_PassState, torch.Tensor]] = []
         ascent: list[torch.Tensor] | None = None  # SAM's e, found by the pass at W
@@ -106,7 +108,7 @@ class NSOMixin:
                 elif p.ascended and ascent is not None:  # W + e, from the backup (no accumulated rounding)
                     perturbation.move_to([1.0], [ascent])
                     ascent = None  # e is not needed past the move: freed before the pass at W + e
-                rng.restore()
+                replay.before(i)
                 # Only the last pass of a syncing micro-batch may all-reduce (DDP) or step (DeepSpeed,
                 # which then steps at W: the weights are restored inside the engine's step).
                 last = i == len(plan) - 1
@@ -122,13 +124,16 @@ class NSOMixin:
                     self._nso_pass = _PassState(p)
                     loss = super().training_step(model, inputs, num_items_in_batch)
                 passes.append((self._nso_pass, loss))
+                replay.after(i, skipped=self._nso_pass.skipped)
                 if p.ascent:  # e leaves the pass state, so that nothing holds it after the move
                     ascent, self._nso_pass.ascent = self._nso_pass.ascent, None
+            replay.finish()
         finally:
             # Weights go back by copy whatever happened: W + U - U != W in low precision. (A no-op
             # when a DeepSpeed engine already restored W and stepped.)
             self._nso_pass = None
             perturbation.restore()
+            replay.close()  # buffers and generators as before the micro-batch if a pass raised
         self._nso_window = (step, micro_step + 1)
         count_once(self, counters, len(passes))
 
