@@ -27,6 +27,8 @@ from nso_hf.compat import (
     count_once,
     defer_gradient_sync,
     refresh_zero3_gathered,
+    refuse_perturbed_reference,
+    refuse_stateful_inputs,
     restore_before_engine_step,
     skip_engine_backward,
     snapshot_counters,
@@ -69,6 +71,7 @@ class NSOMixin:
             nso_config = NSOConfig()
         if not isinstance(nso_config, NSOConfig):
             raise TypeError(f"nso_config must be an NSOConfig, got {type(nso_config).__name__}.")
+        refuse_stateful_inputs(type(self))  # before the parent builds anything (generation engines, reward models)
         self.nso_config = nso_config
         self._nso_pass: _PassState | None = None  # set while a pass of training_step runs
         self._nso_params: tuple[int, list[tuple[str, nn.Parameter]], list[nn.Module]] | None = None
@@ -79,6 +82,7 @@ class NSOMixin:
         self._nso_buffers = BufferTracker()  # which buffers a forward changes, learned on the first micro-batch
         super().__init__(*args, **kwargs)
         check_engine(self, nso_config)
+        refuse_perturbed_reference(self, nso_config.method, MERGED_METHODS)
         if nso_config.method in MERGED_METHODS:
             self._nso_parameters(self.model)  # a model without LoRA layers fails here, before training
 
@@ -135,7 +139,9 @@ class NSOMixin:
             perturbation.restore()
             replay.close()  # buffers and generators as before the micro-batch if a pass raised
         self._nso_window = (step, micro_step + 1)
-        count_once(self, counters, len(passes))
+        # trl's per-call metrics: one entry per micro-batch, the mean over the passes the logged loss averages.
+        kept = [not s.plan.at_w and not s.skipped for s, _ in passes]
+        count_once(self, counters, kept if any(kept) else [s.plan.at_w for s, _ in passes])
 
         # The loss Trainer logs: the mean over the moved points (W + U_j, W - U_j, W + e); at W for 'none'.
         at_w = [loss for s, loss in passes if s.plan.at_w]
