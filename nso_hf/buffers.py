@@ -32,12 +32,15 @@ and copied from the next micro-batch on (in that micro-batch its passes were not
 native kernel changes in place without a version bump, outside torch's norm layers and not changed in
 the first micro-batch, would go unnoticed.
 
-Cost per micro-batch (several passes; none for method 'none'): one copy of the changed buffers (the
-state to start each pass from) and one of the kept pass's result; a weighted mean over three or more
-passes also holds one running sum in float32. Nothing for a model whose forward changes no buffer
-(after the first micro-batch). Per pass, one look at every module's buffer table and every buffer's
-version counter (Python, no device work). For scale: a torchvision-style ResNet-50 has 53,120 BatchNorm
-running-statistic floats (0.2 MiB) against 25.6M weights.
+Cost per micro-batch (several passes; none for a one-pass plan such as method 'none'): one copy of the
+changed buffers (the state each pass starts from) and one of the kept pass's result, each a flat tensor
+per dtype and device, so every copy is one multi-tensor op; a weighted mean over two or more counted
+passes adds a float32 running sum and, per pass, a temporary gather. Nothing for a model whose forward
+changes no buffer (after the first micro-batch). Per pass, one look at every module's buffer table and
+every buffer's version counter (Python, no device work). Measured for transformers' ResNet-50
+(`ResNetConfig()`: 23.5M weights, 159 buffers, 53,120 running-statistic floats = 0.2 MiB), one thread
+on the 2-core CPU: 3.3-5.2 ms of bookkeeping per two-pass micro-batch, against 154-168 ms for one
+forward without gradient at batch 8 x 3 x 64 x 64 (docs/methods.md, "Buffers and generators").
 """
 
 from __future__ import annotations
@@ -98,6 +101,44 @@ def _same_table(table: dict[str, torch.Tensor | None], saved: dict[str, torch.Te
     return table.keys() == saved.keys() and all(table[k] is v for k, v in saved.items())
 
 
+class _Group:
+    """Buffers of one dtype and device, copied to and from flat tensors: each copy is one multi-tensor op.
+
+    (A model has many small buffers, e.g. ResNet-50 has 159: one op per buffer per copy would be
+    thousands of kernel launches per micro-batch.)
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+        self.sizes = [t.numel() for t in tensors]
+        self.reshape = [(i, t.shape) for i, t in enumerate(tensors) if t.dim() != 1]  # 1-D pieces need no view
+        self.floating = tensors[0].is_floating_point()
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        pieces = list(flat.split(self.sizes))
+        for i, shape in self.reshape:
+            pieces[i] = pieces[i].view(shape)
+        return pieces
+
+    def gather(self, values: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """A new flat tensor holding the buffers' current values (or `values`, shaped like them)."""
+        t = self.tensors[0]
+        flat = torch.empty(sum(self.sizes), dtype=t.dtype, device=t.device)
+        torch._foreach_copy_(self.views(flat), self.tensors if values is None else values)
+        return flat
+
+    def scatter(self, flat: torch.Tensor) -> None:
+        """Write `flat` back into the buffers, in place (their objects, and so DDP's references, stay)."""
+        torch._foreach_copy_(self.tensors, self.views(flat))
+
+
+def _groups(tensors: list[torch.Tensor]) -> list[_Group]:
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    return [_Group(ts) for ts in by_kind.values()]
+
+
 class BufferTracker:
     """Which buffers (module, name) a training forward changes, learned on the first micro-batch of a model.
 
@@ -129,6 +170,7 @@ class BufferReplay:
     raised (the buffers go back to the state before the micro-batch).
     """
 
+    @torch.no_grad()
     def __init__(self, model: nn.Module, tracker: BufferTracker, at_w: Sequence[bool], weights: Sequence[float]):
         self.tracker = tracker
         self.keep = next((i for i, a in enumerate(at_w) if a), None)  # the pass at W whose update is kept
@@ -136,24 +178,38 @@ class BufferReplay:
         self.modules = list(model.modules())
         self.tables = [dict(m._buffers) for m in self.modules]  # buffer objects before the micro-batch (no copy)
         self.learning = tracker.changing is None
-        # (module, name) of each buffer object, first slot wins (a buffer registered twice is one tensor).
+        # Each buffer object once, with its (module, name) (a buffer registered twice is one tensor).
         self.slots: dict[int, tuple[nn.Module, str, torch.Tensor]] = {}
         for m, table in zip(self.modules, self.tables):
             for name, t in table.items():
                 if t is not None and id(t) not in self.slots:
                     self.slots[id(t)] = (m, name, t)
-        native = {(id(m), n) for m in self.modules for n in natively_updated_buffers(m)}
-        copy = (lambda key: True) if self.learning else (lambda key: key in tracker.changing or key in native)
-        with torch.no_grad():
-            self.backup = {k: t.detach().clone() for k, (m, n, t) in self.slots.items() if copy((id(m), n))}
-        self.native = native
+        self.native = {(id(m), n) for m in self.modules for n in natively_updated_buffers(m)}
+        copied = [k for k in self.slots if self.learning or self._key(k) in tracker.changing or self._key(k) in self.native]
+        self._copy(copied)
         self.versions = {k: _version(t) for k, (_, _, t) in self.slots.items()}
-        self.reference: dict[int, torch.Tensor] = {}  # the kept pass's (or the first counted pass's) values
-        self.totals: dict[int, torch.Tensor] = {}  # sum_{i>1} w_i (B_i - B_1), floating buffers
+        self.reference: list[torch.Tensor] = []  # per group: the kept pass's (or the first counted pass's) values
+        self.totals: list[torch.Tensor | None] = []  # per group: sum_{i>1} w_i (B_i - B_1), floating groups
         self.weight_sum = 0.0
         self.kept_tables: dict[int, dict[str, torch.Tensor | None]] = {}  # tables the kept pass changed
         self.has_reference = False
         self.done = False
+
+    def _key(self, k: int) -> tuple[int, str]:
+        return id(self.slots[k][0]), self.slots[k][1]
+
+    def _copy(self, keys: list[int], values: dict[int, torch.Tensor] | None = None) -> None:
+        """The state every pass starts from: one flat copy per dtype and device of the buffers in `keys`.
+
+        `values`: what to copy, by buffer id (default: the buffers' current values).
+        """
+        self.copied = set(keys)
+        self.groups = _groups([self.slots[k][2] for k in keys])
+        self.backup = [g.gather(None if values is None else [values[id(t)] for t in g.tensors]) for g in self.groups]
+
+    def _saved(self) -> dict[int, torch.Tensor]:
+        """The copy every pass starts from, by buffer id (views into the flat copies)."""
+        return {id(t): v for g, flat in zip(self.groups, self.backup) for t, v in zip(g.tensors, g.views(flat))}
 
     @torch.no_grad()
     def after_pass(self, index: int, counted: bool = True) -> None:
@@ -170,15 +226,15 @@ class BufferReplay:
         tables = [j for j, m in enumerate(self.modules) if not _same_table(m._buffers, self.tables[j])]
         role = self._role(index, counted)
         if role == "reference":
-            self.reference = {k: self.slots[k][2].detach().clone() for k in self.backup}
+            self.reference = [g.gather() for g in self.groups]
+            self.totals = [None] * len(self.groups)
             self.weight_sum = self.weights[index]
             self.kept_tables = {j: dict(self.modules[j]._buffers) for j in tables}
             self.has_reference = True
         elif role == "term":
-            for k in self.backup:
-                t = self.slots[k][2]
-                if t.is_floating_point():
-                    self.totals[k] = accumulate_difference(self.totals.get(k), t, self.reference[k], self.weights[index])
+            for i, g in enumerate(self.groups):
+                if g.floating:
+                    self.totals[i] = accumulate_difference(self.totals[i], g.gather(), self.reference[i], self.weights[index])
             self.weight_sum += self.weights[index]
         self._restore(tables)
 
@@ -191,23 +247,20 @@ class BufferReplay:
 
     def _changed_in_place(self, compare_values: bool) -> list[int]:
         """Buffers the pass wrote in place: a version bump, or (when learning) a value that differs from the copy."""
+        before = self._saved() if compare_values else {}  # learning: every buffer was copied
         changed = []
         for k, (m, name, t) in self.slots.items():
-            bumped = _version(t) != self.versions[k]
-            if bumped or (compare_values and not torch.equal(t, self.backup[k])):
+            if _version(t) != self.versions[k] or (compare_values and not torch.equal(t, before[k])):
                 changed.append(k)
-                if k not in self.backup:
+                if k not in self.copied:
                     self._unexpected(m, name)
         return changed
 
     def _learn(self, changed: list[int]) -> None:
-        """After the first pass of the first micro-batch: keep copies of the changed buffers only."""
-        keys = {(id(self.slots[k][0]), self.slots[k][1]) for k in changed}
-        self.tracker.changing = keys
-        self.backup = {k: b for k, b in self.backup.items() if k in changed or self._key(k) in self.native}
-
-    def _key(self, k: int) -> tuple[int, str]:
-        return id(self.slots[k][0]), self.slots[k][1]
+        """After the first pass of the first micro-batch: keep copies of the changed buffers only (and norm statistics)."""
+        self.tracker.changing = {self._key(k) for k in changed}
+        keep = [k for k in self.slots if k in changed or self._key(k) in self.native]
+        self._copy(keep, values=self._saved())  # the values before the pass, not the pass's result
 
     def _unexpected(self, module: nn.Module, name: str) -> None:
         key = (id(module), name)
@@ -223,8 +276,8 @@ class BufferReplay:
             )
 
     def _restore(self, tables: list[int]) -> None:
-        for k, saved in self.backup.items():
-            self.slots[k][2].copy_(saved)
+        for g, flat in zip(self.groups, self.backup):
+            g.scatter(flat)
         for j in tables:
             self.modules[j]._buffers.clear()
             self.modules[j]._buffers.update(self.tables[j])
@@ -233,10 +286,8 @@ class BufferReplay:
     @torch.no_grad()
     def finish(self) -> None:
         """Write the kept update (after the last pass): the pass at W's, or the weighted mean of the counted passes."""
-        for k, ref in self.reference.items():
-            t = self.slots[k][2]
-            total = self.totals.get(k)
-            t.copy_(ref if total is None else weighted_mean(ref, total, self.weight_sum))
+        for g, ref, total in zip(self.groups, self.reference, self.totals):
+            g.scatter(ref if total is None else weighted_mean(ref, total, self.weight_sum))
         for j, table in self.kept_tables.items():
             self.modules[j]._buffers.clear()
             self.modules[j]._buffers.update(table)

@@ -268,18 +268,42 @@ def test_only_the_buffers_a_forward_changes_are_copied(args_factory):
     trainer.train()
     names = {id(b): n for n, b in model.named_buffers()}
     replay = trainer._nso_buffers.replay(model, at_w=[False, False], weights=[0.5, 0.5])
-    assert sorted(names[k] for k in replay.backup) == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"]
+    assert sorted(names[k] for k in replay.copied) == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"]
+    assert [flat.numel() for flat in replay.backup] == [16, 1]  # one flat copy per dtype: 8 + 8 floats, one counter
 
     llama = tiny_llama()  # rotary inv_freq: a buffer no forward writes
     trainer = NSOTrainer(model=llama, args=args_factory(max_steps=2), train_dataset=[{"input_ids": torch.arange(3, 19), "labels": torch.arange(3, 19)}] * 8, nso_config=NSOConfig(sigma=0.1))
     trainer.train()
     assert list(llama.buffers()) and trainer._nso_buffers.changing == set()
-    assert trainer._nso_buffers.replay(llama, at_w=[False, False], weights=[0.5, 0.5]).backup == {}
+    assert trainer._nso_buffers.replay(llama, at_w=[False, False], weights=[0.5, 0.5]).backup == []
 
     plain = Noisy()  # method 'none': one pass, nothing replayed or copied
     none = NSOTrainer(model=plain, args=args_factory(max_steps=1), train_dataset=examples(), nso_config=NSOConfig(method="none"))
     none.train()
     assert none._nso_buffers.changing is None
+
+
+class HiddenEMA(Noisy):
+    """An EMA buffer written in place without a version bump (as torch's BatchNorm kernel writes its statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x, y):
+        with torch.autograd._unsafe_preserve_version_counter(self.ema):
+            self.ema.mul_(0.9).add_(0.1 * self.lin.weight.detach().sum(0))
+        return super().forward(x, y)
+
+
+def test_a_buffer_written_without_a_version_bump_is_learned_from_its_value(args_factory):
+    args = args_factory(max_steps=3, learning_rate=0.05)
+    ref, got = HiddenEMA(), HiddenEMA()
+    Trainer(model=ref, args=args, train_dataset=examples()).train()
+    trainer = NSOTrainer(model=got, args=args, train_dataset=examples(), nso_config=NSOConfig(sigma=0.0))
+    trainer.train()
+    assert torch.equal(got.ema, ref.ema) and torch.equal(got.bn.running_var, ref.bn.running_var)
+    assert (id(got), "ema") in trainer._nso_buffers.changing and (id(got), "constant") not in trainer._nso_buffers.changing
 
 
 # 6. A forward that replaces a buffer (a cache), or changes one for the first time late in training.
