@@ -39,8 +39,8 @@ passes adds a float32 running sum and, per pass, a temporary gather. Nothing for
 changes no buffer (after the first micro-batch). Per pass, one look at every module's buffer table and
 every buffer's version counter (Python, no device work). Measured for transformers' ResNet-50
 (`ResNetConfig()`: 23.5M weights, 159 buffers, 53,120 running-statistic floats = 0.2 MiB), one thread
-on the 2-core CPU: 3.3-5.2 ms of bookkeeping per two-pass micro-batch, against 154-168 ms for one
-forward without gradient at batch 8 x 3 x 64 x 64 (docs/methods.md, "Buffers and generators").
+on the 2-core CPU: 3.0-5.6 ms of bookkeeping per two-pass micro-batch, against 142-158 ms for one
+forward without gradient at batch 8 x 3 x 64 x 64 (three runs; docs/methods.md, "Buffers and generators").
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ handling, mixed precision and DeepSpeed arguments. The pass's weight is applied 
 inside `compute_loss`, so the loss value Trainer logs stays the plain loss. SAM's ascent pass takes
 its gradient there with `torch.autograd.grad` and hands Trainer's backward a loss without a graph,
 so `.grad` never sees it (under DeepSpeed that pass bypasses the engine altogether: compat.py).
-The weights are put back by copy before the optimizer steps.
+The weights are put back by copy before the optimizer steps. What a forward changes besides the loss
+(the global generators, the buffers) is replayed per pass by `nso_hf.replay.PassReplay`.
 """
 
 from __future__ import annotations
