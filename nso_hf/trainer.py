@@ -8,7 +8,9 @@ inside `compute_loss`, so the loss value Trainer logs stays the plain loss. SAM'
 its gradient there with `torch.autograd.grad` and hands Trainer's backward a loss without a graph,
 so `.grad` never sees it (under DeepSpeed that pass bypasses the engine altogether: compat.py).
 The weights are put back by copy before the optimizer steps. What a forward changes besides the loss
-(the global generators, the buffers) is replayed per pass by `nso_hf.replay.PassReplay`.
+(the global generators, the buffers) is replayed per pass by `nso_hf.replay.PassReplay`. A step outside
+the perturbation schedule (`perturb_start`, `perturb_every`: nso_hf/schedule.py) is the parent's
+`training_step` alone.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from nso_hf.engines import check_engine, engine_name
 from nso_hf.merged import lora_targets, merged_row_rms
 from nso_hf.noise import Perturbation, draw_seed, filter_parameters, is_sharded, local_tensor, select_parameters
 from nso_hf.passes import Pass, pass_plan, scale_gradient
-from nso_hf.ramp import noise_ramp_factor
 from nso_hf.replay import PassReplay
 from nso_hf.sam import sam_perturbation
+from nso_hf.schedule import is_perturbed_step, ramp_factor
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class NSOMixin:
         # (id(model), perturbed parameters, their LoRA layers for the merged-space methods)
         self._nso_warned_zero_ascent = False
         self._nso_window = (-1, 0)  # (global step, micro-batches seen in its accumulation window)
+        self.nso_passes = 0  # forward+backward passes training_step ran in this process (the run's compute)
         self._nso_log = _NSOLogAccumulator()
         self._nso_buffers = BufferTracker()  # which buffers a forward changes, learned on the first micro-batch
         super().__init__(*args, **kwargs)
@@ -92,12 +95,20 @@ class NSOMixin:
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         cfg = self.nso_config
-        plan = pass_plan(cfg)
-        named = self._nso_parameters(model)
         step = self.state.global_step
         micro_step = self._nso_window[1] if self._nso_window[0] == step else 0
-        seeds = self._nso_seed_table(named, step, micro_step)
+        self._nso_window = (step, micro_step + 1)
         syncs = self.accelerator.sync_gradients  # does this micro-batch end its accumulation window?
+        if cfg.method == "none" or not is_perturbed_step(step, self.state.max_steps, cfg.perturb_start, cfg.perturb_every):
+            # A plain step (method 'none', or outside the schedule): Trainer's own step and nothing else: no
+            # copy of W, no noise, no replay, no extra collective or host sync.
+            self.nso_passes += 1
+            self._nso_log.add(clean=None, perturbed=None, skipped=0, step_done=syncs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        plan = pass_plan(cfg)
+        named = self._nso_parameters(model)
+        seeds = self._nso_seed_table(named, step, micro_step)
 
         # Snapshot W (the one extra copy), the global generators and the buffers a forward changes (replay.py).
         params = [p for _, p in named]
@@ -139,7 +150,7 @@ class NSOMixin:
             self._nso_pass = None
             perturbation.restore()
             replay.close()  # buffers and generators as before the micro-batch if a pass raised
-        self._nso_window = (step, micro_step + 1)
+        self.nso_passes += len(passes)
         # trl's per-call metrics: one entry per micro-batch, the mean over the passes the logged loss averages.
         kept = [not s.plan.at_w and not s.skipped for s, _ in passes]
         count_once(self, counters, kept if any(kept) else [s.plan.at_w for s, _ in passes])
@@ -157,6 +168,7 @@ class NSOMixin:
             perturbed=logged if perturbed else None,
             skipped=sum(s.skipped for s, _ in passes),
             step_done=syncs,
+            perturbed_step=True,
         )
         return logged
 
@@ -246,7 +258,7 @@ class NSOMixin:
         float32 temporary per layer at a time).
         """
         cfg = self.nso_config
-        sigma = cfg.sigma * noise_ramp_factor(step, self.state.max_steps, cfg.noise_ramp)
+        sigma = cfg.sigma * ramp_factor(step, self.state.max_steps, cfg.perturb_start, cfg.noise_ramp)
         layers = self._nso_params[2] if self._nso_params is not None else []
         scales = [merged_row_rms(layer) for layer in layers] if layers and self._nso_relative else None
         zero3 = zero3_params(params)
@@ -321,7 +333,7 @@ class NSOMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log, reached on every process: safe to reduce across ranks
-            logs.update(self._nso_log.pop(self.accelerator))
+            logs.update(self._nso_log.pop(self.accelerator, count_perturbed=self.nso_config.method != "none"))
         super().log(logs, *args, **kwargs)
 
 
@@ -329,6 +341,8 @@ class _NSOLogAccumulator:
     """Sums per-micro-batch NSO losses between two training logs, on the device, without host syncs.
 
     Normalised like Trainer's `loss`: the sum over micro-batches divided by the optimizer steps taken.
+    `nso/perturbed_steps` counts the optimizer steps of the window that ran the method's passes (the
+    others were plain steps of the schedule, NSOConfig.perturb_start / perturb_every).
     """
 
     def __init__(self) -> None:
@@ -340,8 +354,11 @@ class _NSOLogAccumulator:
         self.skipped = 0
         self.skipped_steps = 0
         self.steps = 0
+        self.perturbed_steps = 0
 
-    def add(self, clean: torch.Tensor | None, perturbed: torch.Tensor | None, skipped: int, step_done: bool) -> None:
+    def add(
+        self, clean: torch.Tensor | None, perturbed: torch.Tensor | None, skipped: int, step_done: bool, perturbed_step: bool = False
+    ) -> None:
         if clean is not None:
             self.clean_sum = clean if self.clean_sum is None else self.clean_sum + clean
             if perturbed is not None:
@@ -349,8 +366,9 @@ class _NSOLogAccumulator:
                 self.gap_sum = gap if self.gap_sum is None else self.gap_sum + gap
         self.skipped += skipped
         self.steps += int(step_done)
+        self.perturbed_steps += int(step_done and perturbed_step)
 
-    def pop(self, accelerator) -> dict[str, float]:
+    def pop(self, accelerator, count_perturbed: bool) -> dict[str, float]:
         out: dict[str, float] = {}
         steps = max(self.steps, 1)
         for key, value in (("nso/clean_loss", self.clean_sum), ("nso/sharpness", self.gap_sum)):
@@ -360,6 +378,8 @@ class _NSOLogAccumulator:
             out["nso/skipped_passes"] = self.skipped
         if self.skipped_steps:
             out["nso/skipped_steps"] = self.skipped_steps
+        if count_perturbed:  # the same on every rank: the schedule is a function of the step alone
+            out["nso/perturbed_steps"] = self.perturbed_steps
         self.reset()
         return out
 

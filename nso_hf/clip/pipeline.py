@@ -23,6 +23,7 @@ from nso_hf.clip.collator import CLIPCollator
 from nso_hf.clip.evaluation import evaluate_clip, write_json
 from nso_hf.clip.logit_scale import DEFAULT_MAX_LOGIT_SCALE, LogitScaleClampCallback
 from nso_hf.clip.trainers import nso_kwargs, trainer_class
+from nso_hf.compute import MicroBatchCounter, training_compute
 from nso_hf.config import NSOConfig
 from nso_hf.flatness.final import FlatnessArguments, flatness_batches, measure_flatness
 from nso_hf.timing import StepTimer
@@ -79,7 +80,8 @@ def run_method(
 
     Returns:
         The first evaluation split's metrics, `eval` ({split: metrics} of every split), `flatness`
-        (or None), `train_loss`, `steps`, `seconds_per_step` (median of the timed steps),
+        (or None), `train_loss`, `steps`, `micro_batches` and `forward_backward_passes` (this process's
+        training compute, nso_hf.compute), `seconds_per_step` (median of the timed steps),
         `train_seconds` (Trainer's `train_runtime`), `peak_cuda_memory_mib` (training's peak CUDA
         allocation on this process; None on CPU), the final `logit_scale` and `method`; on ranks
         other than the main one, the training and flatness numbers only.
@@ -92,14 +94,14 @@ def run_method(
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     cls = trainer_class(method, gather_features)
-    timer = StepTimer()
+    timer, micro_batches = StepTimer(), MicroBatchCounter()
     trainer = cls(
         model=model,
         args=training_args,
         train_dataset=task.train,
         data_collator=task.collator,
         processing_class=task.collator.tokenizer,
-        callbacks=[LogitScaleClampCallback(max_logit_scale), timer],
+        callbacks=[LogitScaleClampCallback(max_logit_scale), timer, micro_batches],
         **nso_kwargs(method, nso_config if nso_config is not None else NSOConfig()),
     )
     result = trainer.train()
@@ -109,6 +111,7 @@ def run_method(
         "steps": int(result.global_step),
         "seconds_per_step": timer.median_seconds(),
         "train_seconds": float(result.metrics["train_runtime"]),  # wall time, data loading included
+        **training_compute(trainer, micro_batches),  # forward+backward passes this process ran
         "logit_scale": float(trainer.model.logit_scale.detach().float().item()),
         "peak_cuda_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if on_cuda else None,
         "flatness": None,

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+from nso_hf.compute import MicroBatchCounter, training_compute
 from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 from nso_hf.cot.checks import InputError, check_output_dir, model_position_limit, resolve_max_length
@@ -288,9 +289,10 @@ def run_cot_finetune(
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     method = nso_config.method
     nso_config = config_for_method(method, nso_config)
+    micro_batches = MicroBatchCounter()
     trainer = make_trainer(
         nso_config, model=model, args=training_args, train_dataset=features,
-        data_collator=collator, processing_class=tokenizer,
+        data_collator=collator, processing_class=tokenizer, callbacks=[micro_batches],
     )
     if resume is not None:
         print(f"[cot] resuming from {resume}", flush=True)
@@ -309,6 +311,8 @@ def run_cot_finetune(
         "seconds_per_step": train_seconds / steps,
         "resumed_from": resume,
         "resumed_at_step": resumed_at,
+        # The compute spent: forward+backward passes this process ran (a plain step of the schedule makes one).
+        **training_compute(trainer, micro_batches),
         # This process's peak CUDA allocation in training (None on CPU, where only the process's own
         # resident-set peak exists: scripts/compare_methods.py records that per run).
         "peak_cuda_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
