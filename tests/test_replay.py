@@ -104,6 +104,19 @@ def test_sigma_zero_equals_trainer_with_batchnorm_and_host_randomness(args_facto
     assert all(got.draws[i] == got.draws[i - i % 4] for i in range(len(got.draws)))
 
 
+def test_a_schedule_of_plain_and_perturbed_steps_keeps_batchnorm_equal_to_trainer(args_factory):
+    # Steps 0 and 2 of 4 run two passes (replayed), steps 1 and 3 are Trainer's own step: one update each.
+    args = args_factory(max_steps=4, learning_rate=0.05)
+    ref, got = Noisy(), Noisy()
+    Trainer(model=ref, args=args, train_dataset=examples()).train()
+    ref_rng = rng_state()
+    NSOTrainer(model=got, args=args, train_dataset=examples(), nso_config=NSOConfig(sigma=0.0, perturb_every=2)).train()
+    assert_same_weights(params_of(got), params_of(ref), exact=True)
+    assert_same_weights(buffers_of(got), buffers_of(ref), exact=True)
+    assert got.bn.num_batches_tracked.item() == 4 and len(got.draws) == 6
+    assert_same_rng(rng_state(), ref_rng)
+
+
 # 2. Every method's plan, at a strength > 0, one micro-batch: the passes see the same draws, the
 # generators end where one pass leaves them, and the buffers hold the documented update, by hand.
 CONFIGS = {

@@ -101,6 +101,11 @@ class MetricLengths:
         super().log(logs, *args, **kwargs)
 
 
+def training_logs(trainer) -> list[dict]:
+    """The training logs without NSO's own keys (nso/...), which the parent trainer does not log."""
+    return [{k: v for k, v in h.items() if not k.startswith("nso/")} for h in trainer.state.log_history if "loss" in h]
+
+
 def train_dpo(trainer_cls, tmp_path, model=None, grad_accum: int = 1, **kw):
     model = model if model is not None else tiny_llama(dropout=0.1)
     args = DPOConfig(**common(tmp_path, gradient_accumulation_steps=grad_accum))
@@ -109,7 +114,7 @@ def train_dpo(trainer_cls, tmp_path, model=None, grad_accum: int = 1, **kw):
         model=model, ref_model=ref, args=args, train_dataset=preferences(), processing_class=word_tokenizer(), **kw
     )
     trainer.train()
-    return model, trainer, [h for h in trainer.state.log_history if "loss" in h]
+    return model, trainer, training_logs(trainer)
 
 
 def metric_trainer(parent: type, nso: bool) -> type:
@@ -221,7 +226,7 @@ def test_reward_trainer_with_nso_reproduces_it_at_sigma_zero_and_counts_metrics_
             processing_class=word_tokenizer(), **kw,
         )  # fmt: skip
         trainer.train()
-        runs[name] = (model, trainer, [h for h in trainer.state.log_history if "loss" in h])
+        runs[name] = (model, trainer, training_logs(trainer))
     (ref, ref_trainer, ref_logs), (got, trainer, logs) = runs["reward"], runs["nso"]
     assert logs == ref_logs and len(logs) == 2 and {"accuracy", "margin", "num_tokens"} <= logs[0].keys()
     assert trainer.lengths == ref_trainer.lengths and all(set(c.values()) == {1} for c in trainer.lengths)
