@@ -140,21 +140,154 @@ def zero3_params(params: list[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if hasattr(p, "ds_tensor")]
 
 
-# trl >= 1.0 (checked 1.16): `SFTTrainer.compute_loss` advances `_total_train_tokens` and mirrors it in
-# `_metrics["train"]["num_tokens"]` once per call; the step calls it once per pass. Pinned by
-# tests/test_trl.py.
+# torch 2.x (checked 2.13): BatchNorm's and InstanceNorm's running statistics are written in place by the
+# native kernel without bumping the tensors' version counters (measured on CPU), so nso_hf/buffers.py copies
+# them in every micro-batch instead of learning them. `_NormBase` is the private base of every such layer
+# (BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones, InstanceNorm with track_running_stats).
+# Pinned by tests/test_replay.py (test_batchnorm_running_stats_do_not_bump_version_counters).
+def natively_updated_buffers(module: nn.Module) -> tuple[str, ...]:
+    """Names of `module`'s own buffers that a training forward updates inside a native kernel."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    if isinstance(module, _NormBase) and module.track_running_stats:
+        return tuple(n for n in ("running_mean", "running_var", "num_batches_tracked") if module._buffers.get(n) is not None)
+    return ()
+
+
+# torch 2.x (checked 2.13) DDP with `broadcast_buffers` (Trainer's default): a DDP forward first copies rank 0's
+# buffers into every rank, but only when the forward before it synced gradients (`require_forward_param_sync`,
+# via the private `_check_sync_bufs_pre_fwd`), and it keeps the buffers' version counters. The passes of a
+# micro-batch after the first run under no_sync, so only the first pass would start from rank 0's buffers, and
+# the others, restored to the buffers as they were before the micro-batch, from this rank's own. So the broadcast
+# the first forward would make is made before the micro-batch's buffers are captured (`_sync_buffers`, the
+# function DDP's forward calls), and the forward is told it has been made: the same collective, once, earlier.
+# Pinned by tests/test_ddp.py (BatchNorm under DDP: sigma = 0 equals Trainer on every rank, bit for bit).
+def broadcast_buffers_now(model: nn.Module) -> None:
+    """Make now the buffer broadcast that a DDP module's next forward would make. Elsewhere a no-op."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
+        model._sync_buffers()
+        model.require_forward_param_sync = False  # the forward's own broadcast is done
+
+
+# trl >= 1.0 (checked 1.16): `SFTTrainer`, `DPOTrainer` and `RewardTrainer` advance `_total_train_tokens` in
+# `compute_loss` and mirror it in `_metrics["train"]["num_tokens"]`; the step calls `compute_loss` once per pass.
+# Their other per-call metrics are appended to the lists of `_metrics["train"]` (older trl: `_stored_metrics`,
+# through `store_metrics`) once per call and averaged by `log`. Pinned by tests/test_trl.py.
 COUNTED_PER_MICRO_BATCH: tuple[str, ...] = ("_total_train_tokens",)
+_METRIC_STORES: tuple[str, ...] = ("_metrics", "_stored_metrics")
+
+
+def _train_metrics(trainer: Any) -> list[dict[str, list]]:
+    stores = [getattr(trainer, a, None) for a in _METRIC_STORES]
+    return [s["train"] for s in stores if isinstance(s, dict) and isinstance(s.get("train"), dict)]
 
 
 def snapshot_counters(trainer: Any) -> dict[str, Any]:
-    return {a: getattr(trainer, a) for a in COUNTED_PER_MICRO_BATCH if hasattr(trainer, a)}
+    """The counters of `COUNTED_PER_MICRO_BATCH` and the lengths of trl's per-call metric lists, before a micro-batch."""
+    counters = {a: getattr(trainer, a) for a in COUNTED_PER_MICRO_BATCH if hasattr(trainer, a)}
+    lengths = [{k: len(v) for k, v in m.items() if isinstance(v, list)} for m in _train_metrics(trainer)]
+    return {"counters": counters, "lengths": lengths}
 
 
-def count_once(trainer: Any, before: dict[str, Any], passes: int) -> None:
-    """Put the counters back to one count per micro-batch after `passes` calls of `compute_loss`."""
-    for attr, start in before.items():
+def count_once(trainer: Any, before: dict[str, Any], kept: list[bool]) -> None:
+    """Put the counters back to one count per micro-batch, and trl's per-call metrics to one entry per call.
+
+    Args:
+        trainer: the trainer whose `compute_loss` ran once per pass.
+        before: `snapshot_counters(trainer)` taken before the micro-batch.
+        kept: per pass, whether its metrics describe the micro-batch (the passes the logged loss averages).
+            Each metric's entries of the micro-batch become their mean over those passes (the value
+            itself when they agree, so at zero strength it is the parent trainer's bit for bit); a list
+            whose new entries are not a whole number per pass becomes the mean of all of them.
+    """
+    passes = len(kept)
+    for attr, start in before["counters"].items():
         once = start + (getattr(trainer, attr) - start) // passes
         setattr(trainer, attr, once)
         metrics = getattr(trainer, "_metrics", {}).get("train", {})
         if attr == "_total_train_tokens" and "num_tokens" in metrics:
             metrics["num_tokens"] = [once]
+    for metrics, lengths in zip(_train_metrics(trainer), before["lengths"]):
+        for key, values in metrics.items():
+            if isinstance(values, list) and len(values) > lengths.get(key, 0):
+                start = lengths.get(key, 0)
+                values[start:] = per_micro_batch(values[start:], kept)
+
+
+def per_micro_batch(entries: list, kept: list[bool]) -> list:
+    """One micro-batch's entries of a per-call metric, one per call of a single pass: the mean over the kept passes.
+
+    Args:
+        entries: the values appended during the micro-batch, pass after pass (m per pass).
+        kept: per pass, whether it counts (at least one should; if none does, every pass counts).
+
+    Returns:
+        m values, the i-th the mean of the i-th entry of each kept pass (that entry itself when they are
+        all equal); one value, the mean of all entries, when `entries` is not m per pass.
+    """
+
+    def mean(values: list) -> Any:
+        return values[0] if all(v == values[0] for v in values) else sum(values) / len(values)
+
+    passes = len(kept)
+    if len(entries) % passes:
+        return [mean(entries)]
+    m = len(entries) // passes
+    chosen = [i for i in range(passes) if kept[i]] or list(range(passes))
+    return [mean([entries[i * m + r] for i in chosen]) for r in range(m)]
+
+
+# trl (checked 1.16): trainers that produce their training batches during training. GRPO, RLOO and their
+# relatives generate completions in `_prepare_inputs` and buffer them across calls (one generation serves
+# several steps); OnlineDPO, GKD and the async trainers generate inside `training_step`. The step calls the
+# parent's `training_step` once per pass, so every pass would generate (or consume) its own batch: the passes
+# of a micro-batch would not see the same data. Detected by the class hierarchy (names and modules), so trl
+# is never imported here.
+ONLINE_TRAINERS: tuple[str, ...] = (
+    "GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "XPOTrainer", "NashMDTrainer", "PPOTrainer", "GKDTrainer",
+    "AsyncGRPOTrainer", "AsyncDistillationTrainer", "DistillationTrainer",
+)  # fmt: skip
+
+
+def refuse_stateful_inputs(cls: type) -> None:
+    """Raise if `cls` derives from a trl trainer whose input preparation is stateful.
+
+    Raises:
+        ValueError: a class of `cls`'s hierarchy is one of `ONLINE_TRAINERS`, or is trl's and defines
+            `_prepare_inputs` (trl's online trainers generate there).
+    """
+    for klass in cls.__mro__:
+        if not (klass.__module__ or "").split(".")[0] == "trl":
+            continue
+        if klass.__name__ in ONLINE_TRAINERS or "_prepare_inputs" in vars(klass):
+            raise ValueError(
+                f"NSOMixin cannot wrap {klass.__name__}: its input preparation is stateful (it generates its training "
+                "batches during training and keeps them across calls), but the step runs the parent's training_step "
+                "once per pass and every pass must see the same batch. Use NSOMixin with a trainer that reads its "
+                "batches from a dataset (SFTTrainer, DPOTrainer, RewardTrainer)."
+            )
+
+
+# trl (checked 1.16): with a peft model and no `ref_model`, DPOTrainer (and KTOTrainer) computes the reference
+# log-probabilities with the same module, its adapters disabled, inside every call of `compute_loss`, unless they
+# were computed before training (`precompute_ref_log_probs`). The merged-space methods write their noise into the
+# base weights, which that reference forward reads. Pinned by tests/test_trl.py.
+def refuse_perturbed_reference(trainer: Any, method: str, merged_methods: tuple[str, ...]) -> None:
+    """Raise if a merged-space method would perturb the reference model of a trl preference trainer.
+
+    Raises:
+        ValueError: `method` writes noise into base weights, `trainer` has `ref_model=None` with a peft
+            model, and the reference log-probabilities are not precomputed.
+    """
+    if method not in merged_methods or not hasattr(trainer, "ref_model") or trainer.ref_model is not None:
+        return
+    if not hasattr(trainer.model, "peft_config") or getattr(trainer, "precompute_ref_logps", False):
+        return
+    raise ValueError(
+        f"NSOConfig.method={method!r} writes its noise into the base weights, and {type(trainer).__name__} computes "
+        "its reference model as this peft model with the adapters disabled, which reads the same base weights: the "
+        "reference would be perturbed. Set precompute_ref_log_probs=True (the reference is computed before "
+        "training), pass a separate ref_model, or use method='nso' / 'rwp' (noise on the adapters only)."
+    )

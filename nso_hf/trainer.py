@@ -7,8 +7,10 @@ handling, mixed precision and DeepSpeed arguments. The pass's weight is applied 
 inside `compute_loss`, so the loss value Trainer logs stays the plain loss. SAM's ascent pass takes
 its gradient there with `torch.autograd.grad` and hands Trainer's backward a loss without a graph,
 so `.grad` never sees it (under DeepSpeed that pass bypasses the engine altogether: compat.py).
-The weights are put back by copy before the optimizer steps. A step outside the perturbation schedule
-(`perturb_start`, `perturb_every`: nso_hf/schedule.py) is the parent's `training_step` alone.
+The weights are put back by copy before the optimizer steps. What a forward changes besides the loss
+(the global generators, the buffers) is replayed per pass by `nso_hf.replay.PassReplay`. A step outside
+the perturbation schedule (`perturb_start`, `perturb_every`: nso_hf/schedule.py) is the parent's
+`training_step` alone.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from nso_hf.buffers import BufferTracker
 from nso_hf.compat import (
     count_once,
     defer_gradient_sync,
     refresh_zero3_gathered,
+    refuse_perturbed_reference,
+    refuse_stateful_inputs,
     restore_before_engine_step,
     skip_engine_backward,
     snapshot_counters,
@@ -38,7 +43,7 @@ from nso_hf.engines import check_engine, engine_name
 from nso_hf.merged import lora_targets, merged_row_rms
 from nso_hf.noise import Perturbation, draw_seed, filter_parameters, is_sharded, local_tensor, select_parameters
 from nso_hf.passes import Pass, pass_plan, scale_gradient
-from nso_hf.rng import GlobalRNGState
+from nso_hf.replay import PassReplay
 from nso_hf.sam import sam_perturbation
 from nso_hf.schedule import is_perturbed_step, ramp_factor
 
@@ -69,6 +74,7 @@ class NSOMixin:
             nso_config = NSOConfig()
         if not isinstance(nso_config, NSOConfig):
             raise TypeError(f"nso_config must be an NSOConfig, got {type(nso_config).__name__}.")
+        refuse_stateful_inputs(type(self))  # before the parent builds anything (generation engines, reward models)
         self.nso_config = nso_config
         self._nso_pass: _PassState | None = None  # set while a pass of training_step runs
         self._nso_params: tuple[int, list[tuple[str, nn.Parameter]], list[nn.Module]] | None = None
@@ -77,8 +83,10 @@ class NSOMixin:
         self._nso_window = (-1, 0)  # (global step, micro-batches seen in its accumulation window)
         self.nso_passes = 0  # forward+backward passes training_step ran in this process (the run's compute)
         self._nso_log = _NSOLogAccumulator()
+        self._nso_buffers = BufferTracker()  # which buffers a forward changes, learned on the first micro-batch
         super().__init__(*args, **kwargs)
         check_engine(self, nso_config)
+        refuse_perturbed_reference(self, nso_config.method, MERGED_METHODS)
         if nso_config.method in MERGED_METHODS:
             self._nso_parameters(self.model)  # a model without LoRA layers fails here, before training
 
@@ -102,10 +110,10 @@ class NSOMixin:
         named = self._nso_parameters(model)
         seeds = self._nso_seed_table(named, step, micro_step)
 
-        # Snapshot W (the one extra copy) and the global RNG (so every pass draws the same dropout).
+        # Snapshot W (the one extra copy), the global generators and the buffers a forward changes (replay.py).
         params = [p for _, p in named]
         perturbation = self._nso_perturbation(params, step)
-        rng = GlobalRNGState.capture()
+        replay = PassReplay(model, plan, self._nso_buffers)
         counters = snapshot_counters(self)
         passes: list[tuple[_PassState, torch.Tensor]] = []
         ascent: list[torch.Tensor] | None = None  # SAM's e, found by the pass at W
@@ -116,7 +124,7 @@ class NSOMixin:
                 elif p.ascended and ascent is not None:  # W + e, from the backup (no accumulated rounding)
                     perturbation.move_to([1.0], [ascent])
                     ascent = None  # e is not needed past the move: freed before the pass at W + e
-                rng.restore()
+                replay.before(i)
                 # Only the last pass of a syncing micro-batch may all-reduce (DDP) or step (DeepSpeed,
                 # which then steps at W: the weights are restored inside the engine's step).
                 last = i == len(plan) - 1
@@ -132,15 +140,20 @@ class NSOMixin:
                     self._nso_pass = _PassState(p)
                     loss = super().training_step(model, inputs, num_items_in_batch)
                 passes.append((self._nso_pass, loss))
+                replay.after(i, skipped=self._nso_pass.skipped)
                 if p.ascent:  # e leaves the pass state, so that nothing holds it after the move
                     ascent, self._nso_pass.ascent = self._nso_pass.ascent, None
+            replay.finish()
         finally:
             # Weights go back by copy whatever happened: W + U - U != W in low precision. (A no-op
             # when a DeepSpeed engine already restored W and stepped.)
             self._nso_pass = None
             perturbation.restore()
+            replay.close()  # buffers and generators as before the micro-batch if a pass raised
         self.nso_passes += len(passes)
-        count_once(self, counters, len(passes))
+        # trl's per-call metrics: one entry per micro-batch, the mean over the passes the logged loss averages.
+        kept = [not s.plan.at_w and not s.skipped for s, _ in passes]
+        count_once(self, counters, kept if any(kept) else [s.plan.at_w for s, _ in passes])
 
         # The loss Trainer logs: the mean over the moved points (W + U_j, W - U_j, W + e); at W for 'none'.
         at_w = [loss for s, loss in passes if s.plan.at_w]

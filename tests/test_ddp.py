@@ -52,3 +52,27 @@ def test_ddp_matches_single_process_and_replicas_agree(tmp_path, sigma, sync, gr
     else:
         # Each rank drew its own noise, so the step averaged other draws than the single process.
         assert any(not torch.allclose(r0[n], single[n], rtol=1e-5, atol=1e-6) for n in single)
+
+
+def test_batchnorm_under_ddp_equals_trainer_on_every_rank_at_sigma_zero(tmp_path):
+    # BatchNorm's statistics are replicated buffers that DDP broadcasts from rank 0 at the start of a
+    # syncing forward; every pass of a micro-batch must start from that broadcast (compat.py,
+    # broadcast_buffers_now), or rank 1's later passes would start from its own statistics.
+    out = tmp_path / "bn"
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(out), "batchnorm",
+    ]  # fmt: skip
+    done = launch(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        for ga in (1, 2):
+            ref = torch.load(out / f"trainer-ga{ga}-rank{rank}.pt")
+            got = torch.load(out / f"nso-ga{ga}-rank{rank}.pt")
+            for name in ref:
+                assert torch.equal(got[name], ref[name]), f"rank {rank}, accumulation {ga}: {name}"
+            assert got["net.1.num_batches_tracked"].item() == ddp_worker.STEPS * ga
+    # The ranks' statistics differ (each saw its own half batch), so the comparison above is per rank.
+    r0, r1 = torch.load(out / "nso-ga1-rank0.pt"), torch.load(out / "nso-ga1-rank1.pt")
+    assert not torch.equal(r0["net.1.running_mean"], r1["net.1.running_mean"])

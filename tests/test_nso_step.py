@@ -262,3 +262,29 @@ def test_sigma_zero_reproduces_trainer_under_autocast(args_factory, precision):
     assert trainer.accelerator.mixed_precision == precision
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+# trl's online trainers are refused by their place in the class hierarchy, without importing trl.
+def _trainer_class(name: str, module: str, **attrs) -> type:
+    return type(name, (Trainer,), {"__module__": module, **attrs})
+
+
+@pytest.mark.parametrize(
+    "parent, refused",
+    [
+        (_trainer_class("GRPOTrainer", "trl.trainer.grpo_trainer"), True),
+        (_trainer_class("XPOTrainer", "trl.experimental.xpo.xpo_trainer"), True),
+        # an unknown trl trainer that prepares its own inputs (where trl's online trainers generate)
+        (_trainer_class("NewOnlineTrainer", "trl.experimental.new", _prepare_inputs=lambda self, inputs: inputs), True),
+        (_trainer_class("SFTTrainer", "trl.trainer.sft_trainer"), False),
+        # a user's own Trainer may prepare its inputs: nothing says it is stateful
+        (_trainer_class("MyTrainer", "my_project.train", _prepare_inputs=lambda self, inputs: inputs), False),
+    ],
+)
+def test_trainers_with_stateful_input_preparation_are_refused(args_factory, parent, refused):
+    cls = type("NSOTrainerOf" + parent.__name__, (NSOMixin, parent), {})
+    if refused:
+        with pytest.raises(ValueError, match=rf"NSOMixin cannot wrap {parent.__name__}: its input preparation is stateful"):
+            cls(model=tiny_llama(), args=args_factory())
+    else:
+        assert cls(model=tiny_llama(), args=args_factory()).nso_config == NSOConfig()
