@@ -92,3 +92,17 @@ def test_clip_images_get_another_class_caption_and_held_out_rows_stay():
     with pytest.raises(ValueError, match="--label_noise gives images the caption of another class.*--label_column"):
         swap_captions(train, 0.3, seed=2, caption_column="caption", label_column=None)
 
+
+def test_clip_task_relabels_training_rows_only(tmp_path):
+    from nso_hf.clip.arguments import CLIPDataArguments, CLIPModelArguments
+    from nso_hf.clip.build import build_task
+
+    kwargs = dict(max_train_samples=100, max_eval_samples=20, validation_fraction=0.2, eval_sources=["test", "validation"])
+    clean, _ = build_task(CLIPModelArguments(image_size=16), CLIPDataArguments(**kwargs))
+    noisy, _ = build_task(CLIPModelArguments(image_size=16), CLIPDataArguments(label_noise=0.5, **kwargs))
+    assert noisy.label_noise.to_dict() == {"p": 0.5, "seed": 0, "rows": 100, "rows_changed": 50, "rationales_changed": None}
+    assert sum(a != b for a, b in zip(clean.train["caption"], noisy.train["caption"])) == 50
+    for name in ("test", "validation"):
+        assert noisy.evals[name]["caption"] == clean.evals[name]["caption"]
+    # The word tokenizer is built from the clean captions: label noise leaves the vocabulary (token ids) alone.
+    assert noisy.collator.tokenizer.get_vocab() == clean.collator.tokenizer.get_vocab()

@@ -3,6 +3,8 @@ weights (Linear, Conv1D, merged LoRA) and their bit-exact restore, seeded relati
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,46 @@ def test_robustness_without_gguf_is_refused(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ValueError, match=r"--robustness quantizes with the gguf package, which is not installed: pip install"):
         require_gguf()
+
+
+# --------------------------------------------------------------------------- in the scripts
+def test_cot_script_scores_the_quantized_weights_and_ends_holding_the_trained_ones(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """During the 'q8_0' pass the model holds gguf's round trip of the trained weights; afterwards, those weights."""
+    from test_best_checkpoint import cot_argv, run_cot
+
+    import nso_hf.cot.evaluation as evaluation
+    import nso_hf.robustness as robustness
+
+    real, held = evaluation.evaluate_cot, {}
+
+    def evaluate_cot(model, tokenizer, dataset, recipe, template, name, *args, **kwargs):
+        held[name] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        return real(model, tokenizer, dataset, recipe, template, name, *args, **kwargs)
+
+    def measure_robustness(model, *args, **kwargs):
+        report = real_measure(model, *args, **kwargs)
+        held["after"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        return report
+
+    real_measure = robustness.measure_robustness
+    monkeypatch.setattr(evaluation, "evaluate_cot", evaluate_cot)
+    monkeypatch.setattr(robustness, "measure_robustness", measure_robustness)
+    results = run_cot(cot_argv(tiny_model_dir, tmp_path / "r", "nso", "--max_steps", "1", "--full_finetune", "true",
+                               "--robustness", "true", "--robustness_noise", "0.1", "--save_final_model", "false"))
+    assert list(held) == ["test", "ood", "test q8_0", "ood q8_0", "test q4_0", "ood q4_0", "test noise0", "ood noise0", "after"]
+    trained = held["test"]
+    weight = "model.layers.0.mlp.down_proj.weight"  # input size 64: two blocks per row
+    for kind in ("q8_0", "q4_0"):
+        assert torch.equal(held[f"test {kind}"][weight], gguf_round_trip(trained[weight], kind))
+        assert torch.equal(held[f"test {kind}"]["model.norm.weight"], trained["model.norm.weight"])  # not a Linear weight
+    noisy = held["test noise0"][weight] - trained[weight]
+    assert noisy.abs().max() > 0 and abs((noisy / trained[weight].pow(2).mean(1, keepdim=True).sqrt()).std().item() - 0.1) < 0.01
+    assert held["after"].keys() == trained.keys() and all(torch.equal(held["after"][k], v) for k, v in trained.items())
+    report = results["robustness"]
+    # 2 layers x 7 Linear weights and the lm_head, all of input size 32 or 64: every one quantized.
+    assert (report["weights"], report["quantized"], report["num_full_precision"]) == (15, 15, 0)
+    for source in ("test", "ood"):
+        row = report["sources"][source]
+        assert row["clean"] == results["eval"][source]["exact_match"]
+        assert row["q4_0_drop"] == row["clean"] - row["q4_0"] and row["noise_drop"] == row["clean"] - row["noise"]
+    assert json.loads((tmp_path / "r" / "cot_results.json").read_text())["robustness"] == report
