@@ -255,3 +255,40 @@ def test_runs_through_a_launcher(tiny_model_dir, tmp_path):
     assert results["primary_metric"] == "zero-shot accuracy on 'test' at equal steps" and len(results["runs"]) == 4
     run = json.loads((clip / "test" / "nso_sigma0.01_steps2_seed1" / "eval_results.json").read_text())
     assert run["peak_memory_kind"].startswith("not measured") and set(run["eval"]) == {"test", "ood"}
+
+
+def test_quick_comparison_with_best_checkpoint_label_noise_and_robustness(tiny_model_dir, tmp_path, one_thread):
+    """Every test run scores the validation rows during training and ends on its best checkpoint (saved in its
+    own folder, deleted once its results are written), trains on the same relabelled rows, and reports the
+    deployed-model measures; the report gives each with paired intervals; a second call runs nothing."""
+    from compare_methods import main
+
+    out = tmp_path / "conv"
+    argv = ["--quick", "--output_dir", str(out), "--methods", "none", "nso", "--budgets", "equal_steps",
+            "--model_name_or_path", tiny_model_dir, "--best_checkpoint", "true", "--validation_samples", "3",
+            "--label_noise", "0.25", "--robustness", "true"]
+    main(argv)
+    results = json.loads((out / "results.json").read_text())
+    runs = [r for r in results["runs"] if r["role"] == "test"]
+    assert len(runs) == 4
+    for r in runs:
+        run = json.loads((out / r["name"] / "cot_results.json").read_text())
+        line = run["command_line"]
+        assert line[line.index("--label_noise") + 1] == "0.25" and "--robustness" in line
+        assert run["data"]["label_noise"]["rows_changed"] == 16  # a quarter of the 64 quick training rows
+        selection = run["selection"]
+        assert selection["validation_source"] == "validation" and selection["validation_examples"] == 3
+        assert [p["step"] for p in selection["curve"]] == [1, 2] and selection["final_weights_step"] in (1, 2)
+        assert set(run["robustness"]["sources"]) == {"test", "ood"}
+        assert not [p for p in (out / r["name"]).iterdir() if p.name.startswith("checkpoint-")]  # cleaned up
+    table = results["per_seed"]["equal_steps"]["nso"]
+    for key in ("q8_0_test", "q4_0_drop_ood", "noise_drop_test", "best_step"):
+        assert len(table[key]) == 2 and all(math.isfinite(v) for v in table[key]), key
+    diff = results["comparisons"]["equal_steps"]["versus_reference"]["nso"]["q4_0_drop_test"]
+    expected = paired_difference(table["q4_0_drop_test"], results["per_seed"]["equal_steps"]["none"]["q4_0_drop_test"])
+    assert (diff["mean"], diff["low"]) == (expected.mean, expected.low)
+    text = (out / "results.md").read_text()
+    assert "Q4_0 drop test" in text and "best step" in text
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")}
+    main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before

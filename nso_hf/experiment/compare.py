@@ -104,6 +104,28 @@ class ExperimentArguments:
                   "'accelerate launch --num_processes 8' on a GPU machine (--workers is then ignored)."},
     )
     quick: bool = field(default=False, metadata={"help": "A tiny end-to-end run in under a minute: checks the pipeline, proves nothing."})
+    best_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "Every test run scores --selection during training every --eval_steps steps and ends on the "
+                  "checkpoint with the best task accuracy there (Trainer's --load_best_model_at_end); the step it came "
+                  "from is reported per method."},
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Steps between the evaluations of --best_checkpoint (default: a tenth of --steps)."}
+    )
+    validation_samples: int | None = field(
+        default=None, metadata={"help": "Validation examples scored per evaluation of --best_checkpoint (default: all)."}
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training rows every run (selection and test) gets with a wrong label (the script's "
+                  "--label_noise, seeded apart from the run seed: every run shares the rows)."},
+    )
+    robustness: bool = field(
+        default=False,
+        metadata={"help": "Every test run also scores its test sources after GGUF Q8_0 / Q4_0 round trips and under "
+                  "weight noise (the script's --robustness); accuracies and drops are reported per method."},
+    )
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -135,6 +157,10 @@ class ExperimentArguments:
             raise ValueError(f"--selection {self.selection!r} is not one of --validation_sources {self.validation_sources}.")
         if set(self.test_sources) & set(self.validation_sources):
             raise ValueError("--test_sources and --validation_sources overlap: strengths would be chosen on test data.")
+        if self.eval_steps is None:
+            self.eval_steps = max(1, self.steps // 10)
+        if self.eval_steps < 1:
+            raise ValueError(f"--eval_steps must be >= 1, got {self.eval_steps}.")
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, list[float]]:
@@ -202,6 +228,19 @@ def strength_plan(args: ExperimentArguments) -> tuple[dict[str, list[float]], di
     return tuned, {m: v[0] for m, v in fixed.items()}
 
 
+def test_run_tokens(args: ExperimentArguments, task: Any) -> list[str]:
+    """The test runs' options for --best_checkpoint and --robustness (the runner adds the checkpoint saves)."""
+    tokens = []
+    if args.best_checkpoint:
+        tokens += ["--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--load_best_model_at_end", "true",
+                   "--metric_for_best_model", task.accuracy_key, "--validation_source", args.selection]
+        if args.validation_samples is not None:
+            tokens += ["--validation_samples", str(args.validation_samples)]
+    if args.robustness:
+        tokens += ["--robustness", "true"]
+    return tokens
+
+
 def compare_methods(args: ExperimentArguments, passthrough: list[str], command: str, script: str | None = None) -> dict[str, Any]:
     """Run the comparison and write `results.json`, `results.md` and `results.png` into `args.output_dir`.
 
@@ -213,6 +252,8 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     """
     task = TASKS[args.task]
     base = (["--config", args.run_config] if args.run_config else []) + (list(task.quick_tokens) if args.quick else []) + passthrough
+    if args.label_noise:  # the task itself: selection and test runs alike
+        base += ["--label_noise", repr(args.label_noise)]
     # Parsed once, before any run, so a typo fails in a second, not an hour in.
     parsed = task.check([*base, "--output_dir", os.devnull], args.methods, script)
     flatness = [
@@ -220,6 +261,10 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
         "--noise_stability_draws", str(args.noise_stability_draws), "--noise_stability_sigma", repr(args.noise_stability_sigma),
     ]
+    extra = test_run_tokens(args, task)
+    if extra:  # the test runs' own options must parse too (the runner adds the checkpoint saves)
+        probe = Run("none", None, args.seeds[0], args.steps, "test")
+        task.check(run_tokens(probe, base, os.devnull, args.test_sources, flatness + extra), args.methods, script)
     tuned, fixed = strength_plan(args)
     workers = 0 if args.quick else args.workers  # tiny runs: spawning a process would cost more than the run
     os.makedirs(args.output_dir, exist_ok=True)
@@ -240,7 +285,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
 
     runs = comparison_runs(args.methods, strengths, args.seeds, args.steps, args.budgets)
     results = run_all(
-        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers,
+        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness + extra)) for r in runs], args.output_dir, workers,
         args.launcher, script, task,
     )
     primary = f"accuracy_{args.primary}"

@@ -43,6 +43,26 @@ def run_metrics(results: dict[str, Any], task: Task = TASKS["cot"]) -> dict[str,
         seconds_per_step=seconds_per_step,
         peak_memory_mib=float("nan") if memory is None else float(memory),
     )
+    metrics.update(deployment_metrics(results))
+    return metrics
+
+
+# The measures of a run made with --robustness / --best_checkpoint, per evaluation source: (key prefix, label).
+DEPLOYMENT_METRICS = (
+    ("q8_0", "Q8_0 acc."), ("q4_0", "Q4_0 acc."), ("noise", "noise acc."),
+    ("q8_0_drop", "Q8_0 drop"), ("q4_0_drop", "Q4_0 drop"), ("noise_drop", "noise drop"),
+)
+
+
+def deployment_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """`<measure>_<source>` of the robustness section (accuracy after GGUF round trips and under weight
+    noise, and each drop from the run's clean accuracy) and `best_step` (the step the final weights came
+    from); only those the run measured."""
+    metrics: dict[str, float] = {}
+    for source, row in ((results.get("robustness") or {}).get("sources") or {}).items():
+        metrics.update({f"{key}_{source}": float(row[key]) for key, _ in DEPLOYMENT_METRICS})
+    if results.get("selection"):
+        metrics["best_step"] = float(results["selection"]["final_weights_step"])
     return metrics
 
 
@@ -126,7 +146,34 @@ def markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], strength
     for method, diffs in comparison["versus_reference"].items():
         cells = [method] + [interval_text(diffs[k], s, "{:+.1f}" if s == 100.0 else "{:+.3g}") for k, _, _, s in keys]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + deployment_markdown(comparison, accuracy_names, reference))
+
+
+def deployment_markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], reference: str = "none") -> list[str]:
+    """Lines of the robustness and best-checkpoint tables (mean ± std, then paired differences to
+    `reference`); none when the runs measured neither."""
+    summary = comparison["summary"]
+    first = next(iter(summary.values()))
+    columns = [(f"{key}_{name}", f"{label} {name}") for name in accuracy_names for key, label in DEPLOYMENT_METRICS
+               if f"{key}_{name}" in first]
+    columns += [("best_step", "best step")] if "best_step" in first else []
+    if not columns:
+        return []
+    scale = {key: 1.0 if key == "best_step" else 100.0 for key, _ in columns}
+    lines = ["", "Deployed model: accuracy (%) after a GGUF round trip of every Linear weight (Q8_0, Q4_0) and under "
+             "weight noise, the drop in points from the run's clean accuracy (positive: accuracy lost), and the step "
+             "the final weights came from (mean ± std over seeds):", ""]
+    header = ["method"] + [label for _, label in columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, metrics in summary.items():
+        cells = [_cell(metrics[k], "{:.0f}" if k == "best_step" else "{:.1f}", scale[k]) for k, _ in columns]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    lines += ["", f"Paired difference to `{reference}` of the same measures (method minus {reference}, 95% t-interval):", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, diffs in comparison["versus_reference"].items():
+        cells = [interval_text(diffs[k], scale[k], "{:+.0f}" if k == "best_step" else "{:+.1f}") for k, _ in columns]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return lines
 
 
 def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, path: str, accuracy: str = "strict accuracy") -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -33,7 +34,40 @@ def run_tokens(run: Run, base_argv: Sequence[str], output_root: str, eval_source
         tokens += [f"--{STRENGTH_NAME[run.method]}", repr(run.strength)]
     if run.role == "test":
         tokens += list(flatness)
-    return tokens
+    return tokens + checkpoint_tokens(tokens)
+
+
+def _last_value(tokens: Sequence[str], option: str) -> str | None:
+    """The value of the last `option value` pair in `tokens` (argparse keeps the last), or None."""
+    at = [i for i, t in enumerate(tokens[:-1]) if t == option]
+    return tokens[at[-1] + 1] if at else None
+
+
+def checkpoint_tokens(tokens: Sequence[str]) -> list[str]:
+    """The saves a run that ends on its best checkpoint needs, in place of the forced `--save_strategy no`.
+
+    Checkpoints are saved at every evaluation (Trainer requires the two schedules to match), weights only,
+    and at most the best and the newest are kept while the run trains (`--save_total_limit 1`; Trainer
+    keeps the best one besides); `execute` deletes the last one once the run's results are written.
+
+    Returns:
+        [] unless `tokens` ask for `--load_best_model_at_end true`.
+
+    Raises:
+        ValueError: they ask for it without an `--eval_strategy` to save with.
+    """
+    if str(_last_value(tokens, "--load_best_model_at_end")).lower() != "true":
+        return []
+    strategy = _last_value(tokens, "--eval_strategy")
+    if strategy is None:
+        raise ValueError("--load_best_model_at_end in a comparison needs --eval_strategy (and --eval_steps) among the run options.")
+    out = ["--save_strategy", strategy]
+    if strategy == "steps":
+        steps = _last_value(tokens, "--eval_steps")
+        if steps is None:
+            raise ValueError("--eval_strategy steps with --load_best_model_at_end needs --eval_steps among the run options.")
+        out += ["--save_steps", steps]
+    return out + ["--save_total_limit", "1", "--save_only_model", "true"]
 
 
 def record_memory(results: dict[str, Any], tokens: list[str], own_process: bool, task: Task) -> None:
@@ -84,7 +118,19 @@ def execute(
     output_dir = next(a for a in arguments if isinstance(a, TrainingArguments)).output_dir
     with open(os.path.join(output_dir, task.results_file), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)  # rewritten with the memory: its presence marks the run done
+    remove_checkpoints(output_dir, tokens)
     return results
+
+
+def remove_checkpoints(folder: str, tokens: Sequence[str]) -> None:
+    """Delete the checkpoints `checkpoint_tokens` had a finished run save: its numbers are in its results file.
+
+    A comparison of 80 runs would otherwise keep 80 best checkpoints; this keeps at most two per running run.
+    """
+    if checkpoint_tokens(tokens):
+        for name in os.listdir(folder):
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def load_done(folder: str, tokens: list[str], results_file: str = TASKS["cot"].results_file) -> dict[str, Any] | None:
@@ -133,6 +179,7 @@ def launch(tokens: list[str], launcher: str, script: str, log_file: str, task: T
     record_memory(results, tokens, False, task)  # the launcher's processes are not this one
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
+    remove_checkpoints(folder, tokens)
     return results
 
 
