@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup deepspeed lint test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench experiment experiment-lora experiment-clip clean
+.PHONY: setup deepspeed lint test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench experiment experiment-lora experiment-clip experiment-clip-fresh experiment-schedule clean
 
 setup: $(STAMP)
 
@@ -87,6 +87,20 @@ experiment-lora: $(STAMP)
 # the held-out images and on the same images rotated (docs/results.md, Part 3).
 experiment-clip: $(STAMP)
 	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --task clip --output_dir outputs/experiment_clip
+
+# Part 3's follow-up (lower strengths) again on seeds 10-19, strengths fixed, no selection (docs/results.md).
+experiment-clip-fresh: $(STAMP)
+	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --task clip --output_dir outputs/experiment_clip_fresh \
+		--seeds 10 11 12 13 14 15 16 17 18 19 --strengths nso=0.001 rwp=0.001 sam=0.003
+
+# NSO on the last quarter of the steps only (perturb_start 0.75) on the default task, 10 seeds (docs/results.md, Part 4):
+# at equal steps against NSO throughout and plain training, then at its own compute (250 passes) against plain training
+# and RWP. The two reports share one folder and the runs they have in common.
+experiment-schedule: $(STAMP)
+	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --output_dir outputs/experiment_schedule --report_name equal_steps \
+		--methods none nso nso@late0.75 --focus nso@late0.75 --budgets equal_steps
+	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --output_dir outputs/experiment_schedule --report_name equal_compute \
+		--methods none rwp nso@late0.75 --focus nso@late0.75 --budgets equal_compute
 
 # Speed and memory of NSOTrainer against Trainer, measured in the same process; cost of a Hessian probe.
 bench: $(STAMP)

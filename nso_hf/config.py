@@ -94,9 +94,24 @@ class NSOConfig:
         default="none",
         metadata={
             "help": "Strength of the noise over training. 'cosine': sigma_t = sigma * (1 - cos(pi t / T)) / 2 at "
-            "optimizer step t of T (Flat-LoRA's ramp: no noise at the first step, full sigma at the end). 'none': "
-            "sigma throughout. For the noise methods only.",
+            "optimizer step t of T (Flat-LoRA's ramp: no noise at the first step, full sigma at the end), t and T "
+            "counted over the perturbed phase (perturb_start). 'none': sigma throughout. For the noise methods only.",
             "choices": list(NOISE_RAMPS),
+        },
+    )
+    perturb_start: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction in [0, 1) of the run's optimizer steps (TrainerState.max_steps) trained plainly first: one "
+            "forward+backward per micro-batch, exactly Trainer's step, before the method's passes begin (0: perturb from "
+            "the first step). E.g. 0.75 perturbs the last quarter only, as late-phase SAM does (docs/methods.md)."
+        },
+    )
+    perturb_every: int = field(
+        default=1,
+        metadata={
+            "help": "Inside the perturbed phase, run the method's passes on every n-th optimizer step only, counted from "
+            "its first step; the others are plain Trainer steps (1: every step)."
         },
     )
     perturb_include: list[str] | None = field(
@@ -163,6 +178,18 @@ class NSOConfig:
                 f"NSOConfig.unperturbed_weight must be a float in [0, 1], got {lam!r}. "
                 "Use 0 to skip the clean pass (the paper's setting)."
             )
+        start = self.perturb_start
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start < 1.0:
+            raise ValueError(
+                f"NSOConfig.perturb_start must be a float in [0, 1), got {start!r}. Use 0 to perturb from the first step, "
+                "or e.g. 0.75 to perturb the last quarter of the run."
+            )
+        every = self.perturb_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"NSOConfig.perturb_every must be an int >= 1, got {every!r}. Use 1 to perturb every step of the "
+                "perturbed phase, or e.g. 2 for every other step."
+            )
         if self.noise_scale is not None and self.noise_scale not in NOISE_SCALES:
             raise ValueError(
                 f"NSOConfig.noise_scale must be one of {NOISE_SCALES}, got {self.noise_scale!r}. "
@@ -215,6 +242,11 @@ class NSOConfig:
         return self.method in TWO_POINT_METHODS
 
     @property
+    def scheduled(self) -> bool:
+        """True when some optimizer steps run as plain training (perturb_start > 0 or perturb_every > 1)."""
+        return self.perturb_start > 0 or self.perturb_every > 1
+
+    @property
     def relative_noise(self) -> bool:
         """Whether sigma is a fraction of each row's RMS: noise_scale, or the method's default when unset."""
         scale = self.noise_scale or ("relative" if self.method in MERGED_METHODS else "absolute")
@@ -222,7 +254,8 @@ class NSOConfig:
 
     @property
     def passes_per_micro_batch(self) -> int:
-        """Forward+backward passes per micro-batch: 2k (k one-point), plus 1 when lam > 0; 2 for sam/asam; 1 for none."""
+        """Forward+backward passes per micro-batch of a perturbed step: 2k (k one-point), plus 1 when lam > 0; 2 for
+        sam/asam; 1 for none. A plain step of the schedule (perturb_start, perturb_every) makes 1."""
         if self.method == "none":
             return 1
         if self.method in ASCENT_METHODS:

@@ -7,7 +7,8 @@ handling, mixed precision and DeepSpeed arguments. The pass's weight is applied 
 inside `compute_loss`, so the loss value Trainer logs stays the plain loss. SAM's ascent pass takes
 its gradient there with `torch.autograd.grad` and hands Trainer's backward a loss without a graph,
 so `.grad` never sees it (under DeepSpeed that pass bypasses the engine altogether: compat.py).
-The weights are put back by copy before the optimizer steps.
+The weights are put back by copy before the optimizer steps. A step outside the perturbation schedule
+(`perturb_start`, `perturb_every`: nso_hf/schedule.py) is the parent's `training_step` alone.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from nso_hf.engines import check_engine, engine_name
 from nso_hf.merged import lora_targets, merged_row_rms
 from nso_hf.noise import Perturbation, draw_seed, filter_parameters, is_sharded, local_tensor, select_parameters
 from nso_hf.passes import Pass, pass_plan, scale_gradient
-from nso_hf.ramp import noise_ramp_factor
 from nso_hf.rng import GlobalRNGState
 from nso_hf.sam import sam_perturbation
+from nso_hf.schedule import is_perturbed_step, ramp_factor
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class NSOMixin:
         # (id(model), perturbed parameters, their LoRA layers for the merged-space methods)
         self._nso_warned_zero_ascent = False
         self._nso_window = (-1, 0)  # (global step, micro-batches seen in its accumulation window)
+        self.nso_passes = 0  # forward+backward passes training_step ran in this process (the run's compute)
         self._nso_log = _NSOLogAccumulator()
         super().__init__(*args, **kwargs)
         check_engine(self, nso_config)
@@ -85,12 +87,20 @@ class NSOMixin:
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         cfg = self.nso_config
-        plan = pass_plan(cfg)
-        named = self._nso_parameters(model)
         step = self.state.global_step
         micro_step = self._nso_window[1] if self._nso_window[0] == step else 0
-        seeds = self._nso_seed_table(named, step, micro_step)
+        self._nso_window = (step, micro_step + 1)
         syncs = self.accelerator.sync_gradients  # does this micro-batch end its accumulation window?
+        if cfg.method == "none" or not is_perturbed_step(step, self.state.max_steps, cfg.perturb_start, cfg.perturb_every):
+            # A plain step (method 'none', or outside the schedule): Trainer's own step and nothing else: no
+            # copy of W, no noise, no replay, no extra collective or host sync.
+            self.nso_passes += 1
+            self._nso_log.add(clean=None, perturbed=None, skipped=0, step_done=syncs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        plan = pass_plan(cfg)
+        named = self._nso_parameters(model)
+        seeds = self._nso_seed_table(named, step, micro_step)
 
         # Snapshot W (the one extra copy) and the global RNG (so every pass draws the same dropout).
         params = [p for _, p in named]
@@ -129,7 +139,7 @@ class NSOMixin:
             # when a DeepSpeed engine already restored W and stepped.)
             self._nso_pass = None
             perturbation.restore()
-        self._nso_window = (step, micro_step + 1)
+        self.nso_passes += len(passes)
         count_once(self, counters, len(passes))
 
         # The loss Trainer logs: the mean over the moved points (W + U_j, W - U_j, W + e); at W for 'none'.
@@ -145,6 +155,7 @@ class NSOMixin:
             perturbed=logged if perturbed else None,
             skipped=sum(s.skipped for s, _ in passes),
             step_done=syncs,
+            perturbed_step=True,
         )
         return logged
 
@@ -234,7 +245,7 @@ class NSOMixin:
         float32 temporary per layer at a time).
         """
         cfg = self.nso_config
-        sigma = cfg.sigma * noise_ramp_factor(step, self.state.max_steps, cfg.noise_ramp)
+        sigma = cfg.sigma * ramp_factor(step, self.state.max_steps, cfg.perturb_start, cfg.noise_ramp)
         layers = self._nso_params[2] if self._nso_params is not None else []
         scales = [merged_row_rms(layer) for layer in layers] if layers and self._nso_relative else None
         zero3 = zero3_params(params)
@@ -309,7 +320,7 @@ class NSOMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log, reached on every process: safe to reduce across ranks
-            logs.update(self._nso_log.pop(self.accelerator))
+            logs.update(self._nso_log.pop(self.accelerator, count_perturbed=self.nso_config.method != "none"))
         super().log(logs, *args, **kwargs)
 
 
@@ -317,6 +328,8 @@ class _NSOLogAccumulator:
     """Sums per-micro-batch NSO losses between two training logs, on the device, without host syncs.
 
     Normalised like Trainer's `loss`: the sum over micro-batches divided by the optimizer steps taken.
+    `nso/perturbed_steps` counts the optimizer steps of the window that ran the method's passes (the
+    others were plain steps of the schedule, NSOConfig.perturb_start / perturb_every).
     """
 
     def __init__(self) -> None:
@@ -328,8 +341,11 @@ class _NSOLogAccumulator:
         self.skipped = 0
         self.skipped_steps = 0
         self.steps = 0
+        self.perturbed_steps = 0
 
-    def add(self, clean: torch.Tensor | None, perturbed: torch.Tensor | None, skipped: int, step_done: bool) -> None:
+    def add(
+        self, clean: torch.Tensor | None, perturbed: torch.Tensor | None, skipped: int, step_done: bool, perturbed_step: bool = False
+    ) -> None:
         if clean is not None:
             self.clean_sum = clean if self.clean_sum is None else self.clean_sum + clean
             if perturbed is not None:
@@ -337,8 +353,9 @@ class _NSOLogAccumulator:
                 self.gap_sum = gap if self.gap_sum is None else self.gap_sum + gap
         self.skipped += skipped
         self.steps += int(step_done)
+        self.perturbed_steps += int(step_done and perturbed_step)
 
-    def pop(self, accelerator) -> dict[str, float]:
+    def pop(self, accelerator, count_perturbed: bool) -> dict[str, float]:
         out: dict[str, float] = {}
         steps = max(self.steps, 1)
         for key, value in (("nso/clean_loss", self.clean_sum), ("nso/sharpness", self.gap_sum)):
@@ -348,6 +365,8 @@ class _NSOLogAccumulator:
             out["nso/skipped_passes"] = self.skipped
         if self.skipped_steps:
             out["nso/skipped_steps"] = self.skipped_steps
+        if count_perturbed:  # the same on every rank: the schedule is a function of the step alone
+            out["nso/perturbed_steps"] = self.perturbed_steps
         self.reset()
         return out
 

@@ -11,7 +11,9 @@ from on_step_begin to on_step_end, so it includes the optimizer), the runs alter
 Peak memory: on CUDA, `max_memory_allocated` in this process; on CPU, the peak resident set size of
 a fresh child process per run (Linux VmHWM), reported both in total and as growth over the RSS before
 training. Printed as method/Trainer ratios. Two passes per step are the floor for nso, sam and asam,
-one for rwp and flat_lora.
+one for rwp and flat_lora. The perturbation schedules (`--schedules`: a late phase, every n-th step)
+of `--schedule_method` are timed the same way, against the ratio they should cost,
+1 + (passes - 1) x the perturbed share of the timed steps.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from transformers import (
 
 from nso_hf import NSOConfig, NSOTrainer
 from nso_hf.config import MERGED_METHODS, METHODS
+from nso_hf.schedule import is_perturbed_step, schedule_name
 from nso_hf.timing import StepTimer
 
 
@@ -57,10 +60,47 @@ class BenchArguments:
         default_factory=lambda: [m for m in METHODS if m != "none"],
         metadata={"help": f"Methods to compare with Trainer; any of {[m for m in METHODS if m != 'none']}."},
     )
+    schedules: list[str] = field(
+        default_factory=lambda: ["start=0.5", "start=0.75", "every=2", "every=4"],
+        metadata={"help": "Perturbation schedules of --schedule_method to time as well: start=F (NSOConfig.perturb_start), "
+                  "every=N (perturb_every), or both joined by a comma; none to skip."},
+    )
+    schedule_method: str = field(default="nso", metadata={"help": "The method the --schedules rows run."})
     sigma: float = field(default=0.01, metadata={"help": "Noise std (flat_lora, nso_merged: a fraction of the row RMS)."})
     rho: float = field(default=0.05, metadata={"help": "SAM / ASAM radius."})
     output_json: str | None = field(default=None, metadata={"help": "Also write the results here."})
-    child: str | None = field(default=None, metadata={"help": "Internal: run one 'method:mode' and print its memory."})
+    child: str | None = field(
+        default=None, metadata={"help": "Internal: run one 'method:mode:start:every' and print its memory."}
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmarked trainer: Trainer ("trainer") or a method, perturbed on the schedule (start, every)."""
+
+    method: str
+    start: float = 0.0
+    every: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {schedule_name(self.start, self.every)}".strip()
+
+    @property
+    def scheduled(self) -> bool:
+        return self.start > 0 or self.every > 1
+
+
+def parse_schedule(method: str, text: str) -> Row:
+    """'start=0.75', 'every=2' or 'start=0.5,every=2' as a Row of `method` (checked by NSOConfig)."""
+    fields = {"start": 0.0, "every": 1}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--schedules: {text!r} is not start=F, every=N or both joined by a comma.")
+        fields[key] = float(value) if key == "start" else int(value)
+    NSOConfig(method=method, perturb_start=fields["start"], perturb_every=fields["every"])  # refuses bad values
+    return Row(method, fields["start"], fields["every"])
 
 
 def build_model(bench: BenchArguments, lora: bool):
@@ -88,7 +128,7 @@ def dataset(bench: BenchArguments) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def run(bench: BenchArguments, method: str, mode: str) -> Trainer:
+def run(bench: BenchArguments, row: Row, mode: str) -> Trainer:
     """Train warmup + steps optimizer steps; the trainer carries the timed steps in `step_times`."""
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="nso-bench-"),
@@ -103,11 +143,11 @@ def run(bench: BenchArguments, method: str, mode: str) -> Trainer:
     )
     timer = StepTimer()
     kwargs = dict(model=build_model(bench, mode == "lora"), args=args, train_dataset=dataset(bench), callbacks=[timer])
-    trainer = (
-        Trainer(**kwargs)
-        if method == "trainer"
-        else NSOTrainer(**kwargs, nso_config=NSOConfig(method=method, sigma=bench.sigma, rho=bench.rho))
-    )
+    if row.method == "trainer":
+        trainer = Trainer(**kwargs)
+    else:
+        config = NSOConfig(method=row.method, sigma=bench.sigma, rho=bench.rho, perturb_start=row.start, perturb_every=row.every)
+        trainer = NSOTrainer(**kwargs, nso_config=config)
     trainer.remove_callback(PrinterCallback)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -126,66 +166,83 @@ def _rss_mb(key: str) -> float:
 
 def child_memory(bench: BenchArguments) -> None:
     """In a fresh process: peak RSS of one run, and its growth over the RSS before training."""
-    method, mode = bench.child.split(":")
+    method, mode, start, every = bench.child.split(":")
     before = _rss_mb("VmRSS")
-    run(bench, method, mode)
+    run(bench, Row(method, float(start), int(every)), mode)
     print(json.dumps({"peak_mb": _rss_mb("VmHWM"), "before_mb": before}))
 
 
-def cpu_memory(bench: BenchArguments, method: str, mode: str) -> dict[str, float]:
+def cpu_memory(bench: BenchArguments, row: Row, mode: str) -> dict[str, float]:
     small = [f"--{k}={v}" for k, v in (("hidden_size", bench.hidden_size), ("num_layers", bench.num_layers),
              ("vocab_size", bench.vocab_size), ("seq_len", bench.seq_len), ("batch_size", bench.batch_size),
              ("steps", 3), ("warmup", 1), ("sigma", bench.sigma), ("rho", bench.rho))]  # fmt: skip
     out = subprocess.run(
-        [sys.executable, __file__, *small, "--child", f"{method}:{mode}"], capture_output=True, text=True, check=True
+        [sys.executable, __file__, *small, "--child", f"{row.method}:{mode}:{row.start}:{row.every}"],
+        capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def expected_time_ratio(bench: BenchArguments, row: Row) -> float:
+    """1 + (passes - 1) x the perturbed share of the timed steps: the ratio if a pass cost what Trainer's pass costs."""
+    config = NSOConfig(method=row.method, perturb_start=row.start, perturb_every=row.every)
+    total = bench.warmup + bench.steps
+    timed = range(bench.warmup, total)
+    share = sum(is_perturbed_step(t, total, row.start, row.every) for t in timed) / len(timed)
+    return 1 + (config.passes_per_micro_batch - 1) * share
 
 
 def main(bench: BenchArguments) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     results = {"device": device, "settings": {k: v for k, v in asdict(bench).items() if k not in ("child", "output_json")}}
-    bad = [m for m in bench.methods if m not in METHODS or m == "none"]
+    bad = [m for m in (*bench.methods, bench.schedule_method) if m not in METHODS or m == "none"]
     if bad:
-        raise ValueError(f"--methods takes {[m for m in METHODS if m != 'none']}, got {bad}.")
+        raise ValueError(f"--methods and --schedule_method take {[m for m in METHODS if m != 'none']}, got {bad}.")
+    schedules = [parse_schedule(bench.schedule_method, s) for s in bench.schedules if s != "none"]
     print(
-        f"# NSOTrainer methods (k=1, lam=0, sigma={bench.sigma}, rho={bench.rho}) vs Trainer on {device}; median of "
-        f"{bench.rounds} x {bench.steps} steps (each run after {bench.warmup} warm-up steps, the runs alternating)"
+        f"# NSOTrainer methods (k=1, lam=0, sigma={bench.sigma}, rho={bench.rho}) vs Trainer on {device}; "
+        f"{bench.rounds} x {bench.steps} steps (each run after {bench.warmup} warm-up steps, the runs alternating). "
+        "Time ratios: of the median step for every-step methods, of the mean step for schedules (their steps are "
+        "plain or perturbed); 'expected': 1 + (passes - 1) x the perturbed share of the timed steps."
     )
-    print(f"{'mode':<6}{'method':<12}{'s/step':>10}{'time ratio':>12}{'peak-mem ratio':>16}{'growth ratio':>14}")
+    print(f"{'mode':<6}{'method':<22}{'s/step':>10}{'time ratio':>12}{'expected':>10}{'peak-mem ratio':>16}{'growth ratio':>14}")
     for mode in bench.modes:
         if mode not in ("lora", "full"):
             raise ValueError(f"--modes takes 'lora' and/or 'full', got {mode!r}")
-        methods = ["trainer"] + [m for m in bench.methods if mode == "lora" or m not in MERGED_METHODS]
-        row: dict = {}
-        times: dict[str, list[float]] = {m: [] for m in methods}
+        rows = [Row("trainer")] + [Row(m) for m in bench.methods if mode == "lora" or m not in MERGED_METHODS]
+        rows += [r for r in schedules if mode == "lora" or r.method not in MERGED_METHODS]
+        out: dict = {}
+        times: dict[Row, list[float]] = {r: [] for r in rows}
         for _ in range(bench.rounds):
-            for method in times:
-                trainer = run(bench, method, mode)
-                times[method] += trainer.step_times
+            for row in times:
+                trainer = run(bench, row, mode)
+                times[row] += trainer.step_times
                 del trainer
-        for method in times:
-            row[method] = {"s_per_step": statistics.median(times[method])}
+        for row in times:
+            out[row] = {"s_per_step": statistics.median(times[row]), "mean_s_per_step": statistics.mean(times[row])}
             if torch.cuda.is_available():
-                trainer = run(dataclasses.replace(bench, steps=2, warmup=1), method, mode)
-                row[method]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                row[method]["growth_mb"] = row[method]["peak_mb"]
+                trainer = run(dataclasses.replace(bench, steps=2, warmup=1), row, mode)
+                out[row]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                out[row]["growth_mb"] = out[row]["peak_mb"]
                 del trainer
             else:
-                mem = cpu_memory(bench, method, mode)
-                row[method]["peak_mb"] = mem["peak_mb"]
-                row[method]["growth_mb"] = mem["peak_mb"] - mem["before_mb"]
-        t = row["trainer"]
-        for method in methods:
-            n = row[method]
-            n["time_ratio"] = n["s_per_step"] / t["s_per_step"]
+                mem = cpu_memory(bench, row, mode)
+                out[row]["peak_mb"] = mem["peak_mb"]
+                out[row]["growth_mb"] = mem["peak_mb"] - mem["before_mb"]
+        t = out[Row("trainer")]
+        for row in rows:
+            n = out[row]
+            key = "mean_s_per_step" if row.scheduled else "s_per_step"
+            n["time_ratio"] = n[key] / t[key]
+            n["expected_time_ratio"] = None if row.method == "trainer" else expected_time_ratio(bench, row)
             n["peak_memory_ratio"] = n["peak_mb"] / t["peak_mb"]
             n["memory_growth_ratio"] = n["growth_mb"] / t["growth_mb"]
+            expected = "" if n["expected_time_ratio"] is None else f"{n['expected_time_ratio']:.2f}"
             print(
-                f"{mode:<6}{method:<12}{n['s_per_step']:>10.4f}{n['time_ratio']:>12.3f}"
+                f"{mode:<6}{row.label:<22}{n[key]:>10.4f}{n['time_ratio']:>12.3f}{expected:>10}"
                 f"{n['peak_memory_ratio']:>16.3f}{n['memory_growth_ratio']:>14.3f}"
             )
-        results[mode] = row
+        results[mode] = {row.label: value for row, value in out.items()}
     if bench.output_json:
         with open(bench.output_json, "w") as f:
             json.dump(results, f, indent=2)

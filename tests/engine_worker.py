@@ -172,6 +172,7 @@ class CountCollectives(TrainerCallback):
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.steps: list[dict[str, int]] = []  # the counts of each optimizer step, in order
         self.active = False
         self.originals: list[tuple[Any, str, Any]] = []
 
@@ -200,6 +201,7 @@ class CountCollectives(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.active = False
+        self.steps.append(dict(sorted((self.counts - sum(map(Counter, self.steps), Counter())).items())))
 
     def on_train_end(self, args, state, control, **kwargs):
         for owner, name, fn in self.originals:
@@ -568,7 +570,52 @@ def scenario_method_refusals() -> dict[str, str | None]:
     return out
 
 
+class ForwardsPerStep(TrainerCallback):
+    """Forward calls of the model in each optimizer step (a forward hook appends to `calls`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.per_step: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append(len(self.calls) - sum(self.per_step))
+
+
+def scenario_schedule(method: str) -> dict[str, Any]:
+    """perturb_start 0.25, perturb_every 2 over 4 steps with accumulation 2: steps 1 and 3 perturbed, 0 and 2 plain.
+
+    Records, gathered from both ranks, the forward calls per step and the logged perturbed-step counts,
+    and per step the collectives of this run and of Trainer's with the same arguments.
+    """
+    steps, grad_accum = 4, 2
+    plain, _, plain_count = train(f"sched_plain_{method}", Trainer, False, grad_accum, max_steps=steps)
+    cfg = NSOConfig(method=method, sigma=0.05, rho=0.05, perturb_start=0.25, perturb_every=2)
+    probe, counter, forwards = StepProbe(), CountCollectives(), ForwardsPerStep()
+    trainer = NSOTrainer(
+        model=model(False), args=args(f"sched_{method}", grad_accum, max_steps=steps), train_dataset=lm_examples(64, seed=3),
+        callbacks=[probe, counter, forwards], nso_config=cfg,
+    )  # fmt: skip
+    probe.trainer = trainer
+    trainer.model.register_forward_hook(lambda *_: forwards.calls.append(1))
+    trainer.train()
+    mine = {"forwards": forwards.per_step, "perturbed_steps": history(trainer, "nso/perturbed_steps")}
+    ranks: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, mine)
+    return {
+        "ranks": ranks,
+        "plain_collectives": plain_count.steps,
+        "collectives": counter.steps,
+        "step_probe": probe.diffs,
+        "moved": probe.moved(),
+        "plain_loss": history(plain, "loss"),
+        "loss": history(trainer, "loss"),
+        "passes": trainer.nso_passes,
+    }
+
+
+SCENARIOS["schedule_nso"] = lambda: scenario_schedule("nso")
 if ENGINE == "zero2":
+    SCENARIOS["schedule_sam"] = lambda: scenario_schedule("sam")
     SCENARIOS["methods_zero2"] = scenario_methods_zero2
     SCENARIOS["sam_zero2"] = scenario_sam_zero2
 SCENARIOS["methods_every_engine"] = scenario_methods_every_engine

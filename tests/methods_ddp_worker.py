@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from nso_hf import NSOConfig, NSOTrainer  # noqa: E402
 
@@ -34,18 +34,34 @@ def model(lora: bool) -> torch.nn.Module:
     return m
 
 
-def train(name: str, lora: bool, cfg: NSOConfig | None, grad_accum: int = 1) -> dict:
+class PerStep(TrainerCallback):
+    """All-reduces and forward calls of each optimizer step (from the counter and a forward hook)."""
+
+    def __init__(self, counter: CountAllReduces):
+        self.counter, self.forwards = counter, []
+        self.allreduces_per_step: list[int] = []
+        self.forwards_per_step: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.allreduces_per_step.append(self.counter.calls - sum(self.allreduces_per_step))
+        self.forwards_per_step.append(len(self.forwards) - sum(self.forwards_per_step))
+
+
+def train(name: str, lora: bool, cfg: NSOConfig | None, grad_accum: int = 1, steps: int = STEPS) -> dict:
     args = TrainingArguments(
         output_dir=os.path.join(OUT, name), per_device_train_batch_size=8 // grad_accum,
-        gradient_accumulation_steps=grad_accum, max_steps=STEPS, learning_rate=0.5, optim="sgd",
+        gradient_accumulation_steps=grad_accum, max_steps=steps, learning_rate=0.5, optim="sgd",
         lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, ddp_backend="gloo",
         ddp_find_unused_parameters=False, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, seed=11, dataloader_num_workers=0,
     )  # fmt: skip
     counter = CountAllReduces()
+    per_step = PerStep(counter)
     kw = {} if cfg is None else {"nso_config": cfg}
     cls = Trainer if cfg is None else NSOTrainer
-    trainer = cls(model=model(lora), args=args, train_dataset=lm_examples(64, seed=3), callbacks=[counter], **kw)
+    net = model(lora)
+    net.register_forward_hook(lambda *_: per_step.forwards.append(1))
+    trainer = cls(model=net, args=args, train_dataset=lm_examples(64, seed=3), callbacks=[counter, per_step], **kw)
     counter.trainer = trainer
     trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -55,6 +71,9 @@ def train(name: str, lora: bool, cfg: NSOConfig | None, grad_accum: int = 1) -> 
         "allreduce_calls": counter.calls,
         "loss": [h["loss"] for h in logs if "loss" in h],
         "sharpness": [h["nso/sharpness"] for h in logs if "nso/sharpness" in h],
+        "allreduces_per_step": per_step.allreduces_per_step,
+        "forwards_per_step": per_step.forwards_per_step,
+        "perturbed_steps": [h["nso/perturbed_steps"] for h in logs if "nso/perturbed_steps" in h],
     }
 
 
@@ -74,6 +93,10 @@ RUNS = {
     "asam": (False, NSOConfig(method="asam", rho=0.5), 1),
     "flat_lora": (True, NSOConfig(method="flat_lora", sigma=0.1), 1),
     "nso_merged": (True, NSOConfig(method="nso_merged", sigma=0.1), 1),
+    # The schedule over 4 steps with accumulation 2: steps 1 and 3 perturbed, 0 and 2 plain.
+    "plain_full_ga2_4": (False, None, 2, 4),
+    "schedule_nso": (False, NSOConfig(sigma=0.05, perturb_start=0.25, perturb_every=2), 2, 4),
+    "schedule_sam": (False, NSOConfig(method="sam", rho=0.05, perturb_start=0.25, perturb_every=2), 2, 4),
 }
 
 if __name__ == "__main__":

@@ -375,6 +375,7 @@ def test_script_end_to_end_on_the_digits_writes_its_json(tmp_path):
     assert list(results) == ["none", "rwp"]
     for method, m in results.items():
         assert m["steps"] == 3 and m["method"] == method
+        assert m["micro_batches"] == m["forward_backward_passes"] == 3  # one pass per micro-batch for both
         for key in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5"):  # per image (t2i: per caption class)
             hits = m[key] * m["num_images"]  # a share of the evaluated images: a whole number of them
             assert abs(hits - round(hits)) < 1e-4 and 0 <= round(hits) <= m["num_images"], (key, m[key])  # float32

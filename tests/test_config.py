@@ -35,6 +35,13 @@ from nso_hf import NSOConfig
         ({"noise_ramp": "linear"}, r"NSOConfig.noise_ramp must be one of \('none', 'cosine'\), got 'linear'"),
         ({"method": "sam", "two_point": False}, r"NSOConfig.two_point applies to the noise methods .* not method='sam'"),
         ({"method": "rwp", "two_point": True}, r"NSOConfig.two_point=True contradicts method='rwp'"),
+        ({"perturb_start": 1.0}, r"NSOConfig.perturb_start must be a float in \[0, 1\), got 1.0. Use 0 to perturb from the first"),
+        ({"perturb_start": -0.25}, r"NSOConfig.perturb_start must be a float in \[0, 1\), got -0.25"),
+        ({"perturb_start": True}, r"NSOConfig.perturb_start must be a float in \[0, 1\), got True"),
+        ({"perturb_start": "0.5"}, r"NSOConfig.perturb_start must be a float in \[0, 1\), got '0.5'"),
+        ({"perturb_every": 0}, r"NSOConfig.perturb_every must be an int >= 1, got 0. Use 1 to perturb every step"),
+        ({"perturb_every": 2.0}, r"NSOConfig.perturb_every must be an int >= 1, got 2.0"),
+        ({"perturb_every": True}, r"NSOConfig.perturb_every must be an int >= 1, got True"),
     ],
 )
 def test_bad_values_name_field_value_and_fix(kwargs, match):
@@ -104,6 +111,11 @@ def test_method_and_rho_parsed_from_command_line(tmp_path):
     assert cfg.relative_noise and cfg.noise_scale is None
     _, cfg = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--two_point", "false"])
     assert cfg.method == "rwp"
+    _, cfg = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--perturb_start", "0.75", "--perturb_every", "2"]
+    )
+    assert (cfg.perturb_start, cfg.perturb_every, cfg.scheduled) == (0.75, 2, True)
+    assert not NSOConfig().scheduled
 
 
 def test_command_line_rejects_unknown_choice(tmp_path, capsys):

@@ -13,7 +13,9 @@ scenarios and records what it saw, these tests hold it to the math:
   honour are refused when the trainer is built;
 - collectives per optimizer step, as docs/distributed.md states them;
 - SAM / ASAM under ZeRO-2 (rho = 0 equals Trainer; at rho > 0 the engine steps at W, no extra
-  collective), and their refusal under the sharding engines.
+  collective), and their refusal under the sharding engines;
+- the perturbation schedule: every rank perturbs the same steps, a plain step makes Trainer's
+  collectives, and every step starts from W.
 """
 
 from __future__ import annotations
@@ -229,3 +231,21 @@ def test_method_none_and_rwp_at_zero_strength_equal_trainer(runs, engine, method
     assert close(r["loss"], plain["plain_loss"]), (r["loss"], plain["plain_loss"])
     assert close(r["grad_norm"], plain["plain_grad_norm"]), (r["grad_norm"], plain["plain_grad_norm"])
     assert r["step_probe"] == [0.0] * 3 and r["moved"] > 1e-3
+
+
+# ---------------------------------------------------------------- the perturbation schedule
+@pytest.mark.parametrize("engine, method", [*((e, "nso") for e in ENGINES), ("zero2", "sam")])
+def test_schedule_is_the_same_on_every_rank_and_plain_steps_communicate_like_trainer(runs, engine, method):
+    """perturb_start 0.25, perturb_every 2, 4 steps, accumulation 2: steps 1 and 3 run 2 passes per micro-batch."""
+    r = runs[engine][f"schedule_{method}"]
+    for rank in r["ranks"]:
+        assert rank["forwards"] == [2, 4, 2, 4], r["ranks"]
+        assert rank["perturbed_steps"] == [0, 1, 0, 1], r["ranks"]
+    assert r["passes"] == 12
+    assert r["step_probe"] == [0.0] * 4  # every step, plain or perturbed, starts from W
+    assert r["moved"] > 0 and r["loss"][0] == r["plain_loss"][0]  # step 0 is Trainer's step
+    plain, scheduled = r["plain_collectives"], r["collectives"]
+    assert len(plain) == len(scheduled) == 4
+    # A plain step makes exactly Trainer's collectives, each kind counted (ZeRO-3's gathers included).
+    for step in (0, 2):
+        assert scheduled[step] == plain[step], (step, plain, scheduled)

@@ -97,6 +97,44 @@ def test_bad_experiment_arguments_fail_before_any_run():
         strength_plan(ExperimentArguments(strengths=["nso=0.01,0.02"]))
 
 
+def test_arms_on_a_schedule_and_their_compute():
+    from nso_hf.experiment.compare import ExperimentArguments
+    from nso_hf.experiment.plan import Arm, Run
+    from nso_hf.experiment.runner import run_tokens
+
+    late = Arm.parse("nso@late0.750")
+    assert (late.method, late.perturb_start, late.perturb_every, late.spec, late.label) == (
+        "nso", 0.75, 1, "nso@late0.75", "nso late 0.75")
+    assert Arm.parse("sam@late0.5@every2").label == "sam late 0.5 every 2" and not Arm.parse("rwp").scheduled
+    # 200 steps, 150 plain (1 pass), 50 perturbed (2 passes): 250 passes per micro-batch slot.
+    assert late.passes(200) == 250 and Arm.parse("nso").passes(200) == 400 and Arm.parse("none").passes(200) == 200
+    # Equal compute gives a one-pass method exactly the passes the scheduled arm made ...
+    arms = ["none", "rwp", "nso@late0.75"]
+    assert [equal_compute_steps(a, 200, arms) for a in arms] == [250, 250, 200]
+    # ... and a scheduled arm the steps whose passes equal the costliest arm's: 320 + 80 = 400.
+    assert equal_compute_steps("nso@late0.75", 200, ["none", "nso", "nso@late0.75"]) == 320
+    with pytest.raises(ValueError, match=r"No whole number of steps gives nso late 0.5 exactly 4 passes"):
+        equal_compute_steps("nso@late0.5", 2, ["none", "nso", "nso@late0.5"])  # 2 steps make 3, 3 steps make 5
+    runs = comparison_runs(arms, {"rwp": 0.01, "nso@late0.75": 0.01}, [0], 200)
+    assert {(r.method, r.steps, r.budgets) for r in runs} == {
+        ("none", 200, ("equal_steps",)), ("none", 250, ("equal_compute",)), ("rwp", 200, ("equal_steps",)),
+        ("rwp", 250, ("equal_compute",)), ("nso@late0.75", 200, ("equal_compute", "equal_steps")),
+    }
+    (run,) = [r for r in runs if r.method == "nso@late0.75"]
+    assert run.name == "test/nso_late0.75_sigma0.01_steps200_seed0"
+    tokens = run_tokens(run, [], "out", ["test"], [])
+    assert tokens[:6] == ["--method", "nso", "--perturb_start", "0.75", "--perturb_every", "1"]
+    assert run_tokens(Run("nso", 0.01, 0, 200, "test"), [], "out", ["test"], [])[:3] == ["--method", "nso", "--seed"]
+    for spec, match in (("nso@early0.5", r"'early0.5' is not late<fraction> or every<n>"),
+                        ("nso@late1.5", r"NSOConfig.perturb_start must be a float in \[0, 1\), got 1.5"),
+                        ("none@every2", r"plain training has no passes to schedule"),
+                        ("nsoo", r"unknown method 'nsoo'")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Arm.parse(spec)
+    with pytest.raises(ValueError, match=r"must include none .* and the --focus arm nso@late0.75"):
+        ExperimentArguments(methods=["none", "nso"], focus="nso@late0.75")
+
+
 def test_selection_prefers_the_weaker_strength_on_a_tie_and_the_decision_rule():
     from nso_hf.experiment.compare import select_strengths
     from nso_hf.experiment.plan import Run
@@ -149,6 +187,27 @@ def test_quick_comparison_end_to_end(tiny_model_dir, tmp_path, one_thread):
         main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "sam", "--model_name_or_path",
               tiny_model_dir, "--learning_rate", "0.01"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before
+
+
+def test_quick_comparison_of_a_scheduled_arm_at_equal_compute(tiny_model_dir, tmp_path, one_thread):
+    """nso@late0.5 over 2 steps makes 1 + 2 passes: plain training gets exactly 3 steps; passes are checked as recorded."""
+    from compare_methods import main
+
+    out = tmp_path / "late"
+    main(["--quick", "--output_dir", str(out), "--methods", "none", "nso@late0.5", "--focus", "nso@late0.5",
+          "--budgets", "equal_compute", "--model_name_or_path", tiny_model_dir, "--report_name", "late"])  # fmt: skip
+    assert not (out / "results.json").exists()
+    results = json.loads((out / "late.json").read_text())
+    assert results["strengths"] == {"none": None, "nso@late0.5": 0.01}
+    steps = {r["method"]: r["steps"] for r in results["runs"] if r["seed"] == 0}
+    assert steps == {"none": 3, "nso@late0.5": 2}
+    table = results["per_seed"]["equal_compute"]
+    # 4 rows per step at batch 4 in --quick: one micro-batch per step
+    assert table["none"]["forward_backward_passes"] == table["nso@late0.5"]["forward_backward_passes"] == [3.0, 3.0]
+    late = json.loads((out / "test" / "nso_late0.5_sigma0.01_steps2_seed0" / "cot_results.json").read_text())
+    assert late["nso_config"]["perturb_start"] == 0.5 and late["train"]["forward_backward_passes"] == 3
+    text = (out / "late.md").read_text()
+    assert "nso late 0.5 minus each arm" in text and "| nso late 0.5 | sigma 0.01 | 2 |" in text
 
 
 def test_quick_clip_comparison_end_to_end(tmp_path, one_thread):

@@ -113,11 +113,14 @@ def test_accelerate_launch_one_process(tiny_model_dir, tmp_path):
         os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--cpu", "--num_processes", "1",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
         *_run_args(tiny_model_dir, output_dir, "nso"), "--hessian_trace_probes", "2", "--sigma", "0.02",
+        "--perturb_start", "0.5",  # 3 steps: step 0 plain (1 pass), steps 1 and 2 perturbed (2 passes each)
     ]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = _check_outputs(output_dir, "nso", 6)
     assert results["nso_config"]["two_point"] is True and results["nso_config"]["sigma"] == 0.02
+    assert results["nso_config"]["perturb_start"] == 0.5
+    assert (results["train"]["micro_batches"], results["train"]["forward_backward_passes"]) == (3, 5)
     assert results["trainable_parameters"] < 10_000  # LoRA adapters only
     assert os.path.exists(os.path.join(output_dir, "adapter_config.json"))
     assert results["hessian_trace"]["num_probes"] == 2
@@ -135,6 +138,7 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = _check_outputs(output_dir, "rwp", 6)
     assert results["nso_config"]["two_point"] is False
+    assert (results["train"]["micro_batches"], results["train"]["forward_backward_passes"]) == (3, 3)  # per rank
     # Each rank evaluated its own shard: both ranks' "[cot]" summaries report the gathered total.
     assert done.stdout.count("[cot] rwp test: exact match") == 2
 

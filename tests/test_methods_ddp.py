@@ -36,7 +36,10 @@ def ddp(tmp_path_factory):
     def weights(name: str, rank: int) -> dict[str, torch.Tensor]:
         return torch.load(out / f"{name}_rank{rank}.pt")
 
-    return records, weights
+    def of_rank(rank: int) -> dict:
+        return json.loads((out / f"rank{rank}.json").read_text())
+
+    return records, weights, of_rank
 
 
 @pytest.mark.parametrize(
@@ -45,7 +48,7 @@ def ddp(tmp_path_factory):
      ("flat_lora_sigma0", "plain_lora"), ("nso_merged_sigma0", "plain_lora")],
 )  # fmt: skip
 def test_zero_strength_equals_trainer_under_ddp(ddp, run, plain):
-    records, weights = ddp
+    records, weights, _ = ddp
     got, ref = weights(run, 0), weights(plain, 0)
     assert all(torch.equal(got[n], ref[n]) for n in ref)
     assert records[run]["loss"] == records[plain]["loss"]
@@ -58,7 +61,7 @@ def test_zero_strength_equals_trainer_under_ddp(ddp, run, plain):
      ("flat_lora", "plain_lora"), ("nso_merged", "plain_lora")],
 )  # fmt: skip
 def test_methods_under_ddp_keep_replicas_equal_and_communicate_like_trainer(ddp, run, plain):
-    records, weights = ddp
+    records, weights, _ = ddp
     r0, r1, ref = weights(run, 0), weights(run, 1), weights(plain, 0)
     assert all(torch.equal(r0[n], r1[n]) for n in r0), "replicas differ"
     assert any(not torch.equal(r0[n], ref[n]) for n in ref)  # the method changed the trajectory
@@ -69,3 +72,19 @@ def test_methods_under_ddp_keep_replicas_equal_and_communicate_like_trainer(ddp,
         assert frozen and all(torch.equal(r0[n], ref[n]) for n in frozen)
     if run.startswith(("sam", "asam")):
         assert len(records[run]["sharpness"]) == 3  # the loss at W + e against the loss at W
+
+
+@pytest.mark.parametrize("run", ["schedule_nso", "schedule_sam"])
+def test_schedule_under_ddp_is_the_same_on_every_rank_and_communicates_like_trainer(ddp, run):
+    """perturb_start 0.25, perturb_every 2, 4 steps, accumulation 2: steps 1 and 3 perturbed."""
+    records, weights, of_rank = ddp
+    for rank in (0, 1):
+        r, plain_run = of_rank(rank)[run], of_rank(rank)["plain_full_ga2_4"]
+        assert r["forwards_per_step"] == [2, 4, 2, 4]
+        assert r["perturbed_steps"] == [0, 1, 0, 1]
+        # the gradient buckets are all-reduced once per optimizer step, plain or perturbed, as Trainer does
+        assert r["allreduces_per_step"] == plain_run["allreduces_per_step"] and min(r["allreduces_per_step"]) > 0
+    r0, r1, plain = weights(run, 0), weights(run, 1), weights("plain_full_ga2_4", 0)
+    assert all(torch.equal(r0[n], r1[n]) for n in r0), "replicas differ"
+    assert any(not torch.equal(r0[n], plain[n]) for n in plain)
+    assert records[run]["loss"][0] == records["plain_full_ga2_4"]["loss"][0]  # step 0 is Trainer's step

@@ -26,6 +26,7 @@ from nso_hf.clip.collator import CLIPCollator
 from nso_hf.clip.evaluation import evaluate_clip, write_json
 from nso_hf.clip.logit_scale import DEFAULT_MAX_LOGIT_SCALE, LogitScaleClampCallback
 from nso_hf.clip.trainers import nso_kwargs, trainer_class
+from nso_hf.compute import MicroBatchCounter, training_compute
 from nso_hf.config import NSOConfig
 from nso_hf.flatness.final import FlatnessArguments, flatness_batches, measure_flatness
 from nso_hf.robustness import RobustnessArguments
@@ -92,7 +93,8 @@ def run_method(
 
     Returns:
         The first evaluation split's metrics, `eval` ({split: metrics} of every split), `flatness`
-        (or None), `train_loss`, `steps`, `seconds_per_step` (median of the timed steps),
+        (or None), `train_loss`, `steps`, `micro_batches` and `forward_backward_passes` (this process's
+        training compute, nso_hf.compute), `seconds_per_step` (median of the timed steps),
         `train_seconds` (Trainer's `train_runtime` less the evaluations and checkpoint saves during
         training), `train_wall_seconds` (all of it), `selection` (the validation curve and the step the
         final weights come from, or None), `final_weights_step`, `label_noise`, `robustness` (or None),
@@ -124,14 +126,14 @@ def run_method(
 
         cls = with_accuracy_evaluation(cls)
         extra = {"score": score, "eval_dataset": task.validation}
-    timer = StepTimer()
+    timer, micro_batches = StepTimer(), MicroBatchCounter()
     trainer = cls(
         model=model,
         args=training_args,
         train_dataset=task.train,
         data_collator=task.collator,
         processing_class=task.collator.tokenizer,
-        callbacks=[LogitScaleClampCallback(max_logit_scale), timer],
+        callbacks=[LogitScaleClampCallback(max_logit_scale), timer, micro_batches],
         **nso_kwargs(method, nso_config if nso_config is not None else NSOConfig()),
         **extra,
     )
@@ -149,6 +151,7 @@ def run_method(
         "selection": selection,
         "final_weights_step": int(result.global_step) if selection is None else selection["final_weights_step"],
         "label_noise": None if task.label_noise is None else task.label_noise.to_dict(),
+        **training_compute(trainer, micro_batches),  # forward+backward passes this process ran
         "logit_scale": float(trainer.model.logit_scale.detach().float().item()),
         "peak_cuda_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if on_cuda else None,
         "flatness": None,

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from nso_hf.best_checkpoint import check_selection_options, evaluates_during_training, selection_results
+from nso_hf.compute import MicroBatchCounter, training_compute
 from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
 from nso_hf.cot.checks import InputError, check_output_dir, model_position_limit, resolve_max_length
@@ -367,9 +368,10 @@ def run_cot_finetune(
             return {k: metrics[k] for k in (*SELECTION_METRICS, "num_truncated")}
 
         extra = {"eval_dataset": inputs.validation}
+    micro_batches = MicroBatchCounter()
     trainer = make_trainer(
         nso_config, score, model=model, args=training_args, train_dataset=features,
-        data_collator=collator, processing_class=tokenizer, **extra,
+        data_collator=collator, processing_class=tokenizer, callbacks=[micro_batches], **extra,
     )
     if resume is not None:
         print(f"[cot] resuming from {resume}", flush=True)
@@ -400,6 +402,8 @@ def run_cot_finetune(
         "final_weights_step": train_output.global_step if selection is None else selection["final_weights_step"],
         "resumed_from": resume,
         "resumed_at_step": resumed_at,
+        # The compute spent: forward+backward passes this process ran (a plain step of the schedule makes one).
+        **training_compute(trainer, micro_batches),
         # This process's peak CUDA allocation in training (None on CPU, where only the process's own
         # resident-set peak exists: scripts/compare_methods.py records that per run).
         "peak_cuda_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,

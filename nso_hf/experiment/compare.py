@@ -30,7 +30,16 @@ from typing import Any
 
 from nso_hf.config import METHODS
 from nso_hf.experiment import report
-from nso_hf.experiment.plan import BUDGETS, STRENGTH_NAME, Run, comparison_runs, equal_compute_steps, grid_runs
+from nso_hf.experiment.plan import (
+    BUDGETS,
+    STRENGTH_NAME,
+    Arm,
+    Run,
+    comparison_runs,
+    equal_compute_steps,
+    grid_runs,
+    method_of,
+)
 from nso_hf.experiment.runner import run_all, run_tokens
 from nso_hf.experiment.statistics import t_quantile
 from nso_hf.experiment.tasks import TASKS
@@ -60,9 +69,20 @@ class ExperimentArguments:
                   "(zero-shot accuracy).", "choices": list(TASKS)},
     )
     output_dir: str = field(default="outputs/experiment", metadata={"help": "Run folders and the results go here."})
+    report_name: str = field(
+        default="results",
+        metadata={"help": "The report's file names: <name>.json, .md, .png. Two comparisons with other arms or budgets "
+                  "can share one --output_dir (and every run they have in common) under two names."},
+    )
     methods: list[str] = field(
         default_factory=lambda: list(DEFAULT_METHODS),
-        metadata={"help": f"Methods compared; must include none (the reference) and nso. Any of {METHODS}."},
+        metadata={"help": f"Arms compared; must include none (the reference) and the --focus arm. Each is one of {METHODS}, "
+                  "optionally on a perturbation schedule: nso@late0.75 (perturb_start 0.75), nso@every2 (perturb_every 2), "
+                  "nso@late0.5@every2. A scheduled method is an arm of its own, with its own strength."},
+    )
+    focus: str = field(
+        default="nso",
+        metadata={"help": "The arm the pre-registered decision is about (compared with every other arm), e.g. nso@late0.75."},
     )
     seeds: list[int] = field(default_factory=lambda: list(range(10)), metadata={"help": "Test seeds (at least 2; 3 or more for an interval worth reading)."})
     budgets: list[str] = field(
@@ -138,15 +158,19 @@ class ExperimentArguments:
             self.top_eigenvalue_iterations = min(self.top_eigenvalue_iterations, 2)
             self.noise_stability_draws = min(self.noise_stability_draws, 2)
             self.flatness_batches = 1
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"--methods: unknown {unknown}; use any of {METHODS}.")
+        self.methods = [Arm.parse(m).spec for m in self.methods]  # one spelling per arm: "nso@late0.750" is nso@late0.75
+        self.focus = Arm.parse(self.focus).spec
         if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"--methods names a method twice: {self.methods}.")
-        if "none" not in self.methods or "nso" not in self.methods:
-            raise ValueError("--methods must include none (the reference of the paired differences) and nso.")
+            raise ValueError(f"--methods names an arm twice: {self.methods}.")
+        if "none" not in self.methods or self.focus not in self.methods:
+            raise ValueError(f"--methods must include none (the reference of the paired differences) and the --focus "
+                             f"arm {self.focus}; got {self.methods}.")
+        if self.focus == "none":
+            raise ValueError("--focus must be an arm other than none (the reference).")
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds needs at least 2 distinct seeds (a paired interval needs 2), got {self.seeds}.")
+        if not self.report_name or os.sep in self.report_name or self.report_name.startswith("."):
+            raise ValueError(f"--report_name must be a plain file name, got {self.report_name!r}.")
         if self.selection_seed in self.seeds:
             raise ValueError(f"--selection_seed {self.selection_seed} is also a test seed: keep selection and test runs apart.")
         if self.steps < 1 or self.workers < 0:
@@ -172,8 +196,12 @@ def parse_assignments(items: list[str], option: str) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for item in items:
         method, sep, values = item.partition("=")
-        if not sep or method not in STRENGTH_NAME:
-            raise ValueError(f"{option}: {item!r} is not method=value[,value...] with a method in {sorted(STRENGTH_NAME)}.")
+        try:
+            method = Arm.parse(method).spec
+        except ValueError:
+            method = ""
+        if not sep or method_of(method or "none") not in STRENGTH_NAME:
+            raise ValueError(f"{option}: {item!r} is not arm=value[,value...] with an arm of a method in {sorted(STRENGTH_NAME)}.")
         try:
             numbers = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:
@@ -222,7 +250,9 @@ def strength_plan(args: ExperimentArguments) -> tuple[dict[str, list[float]], di
     for method, values in fixed.items():
         if len(values) != 1:
             raise ValueError(f"--strengths: give one value for {method}, got {values}.")
-    tuned = {m: grids.get(m, list(DEFAULT_GRIDS[m])) for m in args.methods if m in STRENGTH_NAME and m not in fixed}
+    tuned = {
+        m: grids.get(m, list(DEFAULT_GRIDS[method_of(m)])) for m in args.methods if method_of(m) in STRENGTH_NAME and m not in fixed
+    }
     if args.quick:  # one value per method: the selection step runs, with nothing to choose between
         tuned = {m: [v[len(v) // 2]] for m, v in tuned.items()}
     return tuned, {m: v[0] for m, v in fixed.items()}
@@ -255,7 +285,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     if args.label_noise:  # the task itself: selection and test runs alike
         base += ["--label_noise", repr(args.label_noise)]
     # Parsed once, before any run, so a typo fails in a second, not an hour in.
-    parsed = task.check([*base, "--output_dir", os.devnull], args.methods, script)
+    parsed = task.check([*base, "--output_dir", os.devnull], [method_of(m) for m in args.methods], script)
     flatness = [
         "--hessian_trace_probes", str(args.hessian_trace_probes), "--hessian_trace_batches", str(args.flatness_batches),
         "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
@@ -264,7 +294,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     extra = test_run_tokens(args, task)
     if extra:  # the test runs' own options must parse too (the runner adds the checkpoint saves)
         probe = Run("none", None, args.seeds[0], args.steps, "test")
-        task.check(run_tokens(probe, base, os.devnull, args.test_sources, flatness + extra), args.methods, script)
+        task.check(run_tokens(probe, base, os.devnull, args.test_sources, flatness + extra), [method_of(m) for m in args.methods], script)
     tuned, fixed = strength_plan(args)
     workers = 0 if args.quick else args.workers  # tiny runs: spawning a process would cost more than the run
     os.makedirs(args.output_dir, exist_ok=True)
@@ -288,16 +318,17 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness + extra)) for r in runs], args.output_dir, workers,
         args.launcher, script, task,
     )
+    check_compute(runs, results, task)
     primary = f"accuracy_{args.primary}"
     tables, comparisons, sections = {}, {}, []
     budgets = [b for b in BUDGETS if b in args.budgets]
     for budget in budgets:
         tables[budget] = report.per_seed(runs, results, budget, args.methods, args.seeds, task)
-        comparisons[budget] = report.comparisons(tables[budget], primary)
+        comparisons[budget] = report.comparisons(tables[budget], primary, focus=args.focus)
         steps = {m: args.steps if budget == "equal_steps" else equal_compute_steps(m, args.steps, args.methods) for m in args.methods}
         sections.append((budget, report.markdown(comparisons[budget], args.test_sources, strengths, steps, args.seeds, primary)))
     decisive = budgets[0]  # equal compute when it was run
-    verdict = report.decision(comparisons[decisive]["focus_versus"])
+    verdict = report.decision(comparisons[decisive]["focus_versus"], args.focus)
     out = {
         "command": command,
         "machine": machine(),
@@ -314,21 +345,42 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "comparisons": comparisons,
         "runs": [r.to_dict() for r in runs],
     }
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(args.output_dir, f"{args.report_name}.json"), "w", encoding="utf-8") as handle:
         json.dump(out, handle, indent=1)
     text = render(out, sections, args)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(args.output_dir, f"{args.report_name}.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
-    report.plot(tables, primary, os.path.join(args.output_dir, "results.png"), task.accuracy)
+    report.plot(tables, primary, os.path.join(args.output_dir, f"{args.report_name}.png"), task.accuracy)
     print("\n" + text, flush=True)
     return out
 
 
 DECISION_RULE = (
-    "NSO wins only if, at equal compute (at equal steps when only those were run), its seed-paired 95% t-interval of primary-accuracy difference against "
-    "every other method lies above 0; against a method whose interval contains 0 it ties; below 0 it loses. "
+    "The focus arm (NSO unless --focus names another) wins only if, at equal compute (at equal steps when only those were run), its seed-paired 95% "
+    "t-interval of primary-accuracy difference against every other arm lies above 0; against an arm whose interval contains 0 it ties; below 0 it loses. "
     "Every other number is secondary."
 )
+
+
+def check_compute(runs: list[Run], results: dict[str, dict], task: Any) -> None:
+    """Every test run made exactly the forward+backward passes its arm's schedule plans (compute is counted in them).
+
+    Raises:
+        RuntimeError: a run's recorded passes differ from the plan (its schedule did not apply as planned).
+    """
+    for run in runs:
+        try:
+            micro_batches, passes = task.compute(results[run.name])
+        except KeyError:
+            raise RuntimeError(f"{run.name}: its results record no forward+backward passes (an older version made the run): "
+                               "delete its folder to run it again.") from None
+        # passes per micro-batch slot x micro-batches per optimizer step
+        planned = run.arm.passes(run.steps) * micro_batches
+        if passes * run.steps != planned:
+            raise RuntimeError(
+                f"{run.name}: {passes} forward+backward passes recorded over {micro_batches} micro-batches, but "
+                f"{run.arm.label} plans {run.arm.passes(run.steps)} per micro-batch slot over {run.steps} steps."
+            )
 
 
 def render(out: dict[str, Any], sections: list[tuple[str, str]], args: ExperimentArguments) -> str:
@@ -344,18 +396,19 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
         "standard errors, so only large, consistent differences exclude 0)",
         f"- Primary metric (fixed before the runs): {out['primary_metric']}. {DECISION_RULE}",
         f"- **Decision: {out['decision']}**", "",
-        f"NSO minus each method, primary metric at {decisive.replace('_', ' ')} (points, 95% t-interval):", "",
+        f"{Arm.parse(args.focus).label} minus each arm, primary metric at {decisive.replace('_', ' ')} (points, 95% t-interval):", "",
     ]
-    lines += [f"- vs {m}: {report.interval_text(d, 100.0)}" for m, d in focus.items()]
+    lines += [f"- vs {Arm.parse(m).label}: {report.interval_text(d, 100.0)}" for m, d in focus.items()]
     fixed = {m: v for m, v in out["strengths"].items() if v is not None and m not in out["selection"]}
     if fixed:
-        lines += ["", "Strengths given, not selected: " + ", ".join(f"{m} {STRENGTH_NAME[m]} {v:g}" for m, v in fixed.items())]
+        lines += ["", "Strengths given, not selected: " + ", ".join(
+            f"{Arm.parse(m).label} {STRENGTH_NAME[method_of(m)]} {v:g}" for m, v in fixed.items())]
     if out["selection"]:
         lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; "
                   f"{TASKS[args.task].accuracy}):", ""]
     for method, rows in out["selection"].items():
-        values = ", ".join(f"{STRENGTH_NAME[method]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
-        lines.append(f"- {method}: {values} -> **{out['strengths'][method]:g}**")
+        values = ", ".join(f"{STRENGTH_NAME[method_of(method)]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
+        lines.append(f"- {Arm.parse(method).label}: {values} -> **{out['strengths'][method]:g}**")
     for budget, text in sections:
         lines += ["", f"## {budget.replace('_', ' ').capitalize()}", "", text]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from nso_hf.experiment.plan import STRENGTH_NAME, Run
+from nso_hf.experiment.plan import STRENGTH_NAME, Arm, Run
 from nso_hf.experiment.statistics import paired_difference, summarize
 from nso_hf.experiment.tasks import TASKS, Task
 
@@ -19,6 +19,7 @@ OTHER_METRICS = (
     ("final_loss", "final train loss", "{:.4f}"),
     ("train_loss", "mean train loss", "{:.4f}"),
     ("seconds_per_step", "s/step", "{:.3f}"),
+    ("forward_backward_passes", "passes", "{:.0f}"),
     ("peak_memory_mib", "peak MiB", "{:.0f}"),
 )
 
@@ -32,6 +33,7 @@ def run_metrics(results: dict[str, Any], task: Task = TASKS["cot"]) -> dict[str,
     flat = results.get("flatness") or {}
     memory = results.get("peak_memory_mib")
     train_loss, seconds_per_step, _ = task.train_numbers(results)
+    _, passes = task.compute(results)
     metrics = {f"accuracy_{name}": value for name, value in task.accuracies(results).items()}
     metrics.update(
         hessian_trace=_value(flat.get("hessian_trace")),
@@ -41,6 +43,7 @@ def run_metrics(results: dict[str, Any], task: Task = TASKS["cot"]) -> dict[str,
         final_loss=float(flat.get("loss", float("nan"))),
         train_loss=train_loss,
         seconds_per_step=seconds_per_step,
+        forward_backward_passes=float(passes),
         peak_memory_mib=float("nan") if memory is None else float(memory),
     )
     metrics.update(deployment_metrics(results))
@@ -101,8 +104,9 @@ def _paired(a: list[float], b: list[float]) -> dict[str, Any] | None:
 
 
 def decision(focus_versus: dict[str, dict], focus: str = "nso") -> str:
-    """The pre-registered rule: `focus` wins only if its interval against every other method lies above 0."""
-    verdicts = {m: d["verdict"] for m, d in focus_versus.items()}
+    """The pre-registered rule: arm `focus` wins only if its interval against every other arm lies above 0."""
+    verdicts = {Arm.parse(m).label: d["verdict"] for m, d in focus_versus.items()}
+    focus = Arm.parse(focus).label
     if verdicts and all(v == "higher" for v in verdicts.values()):
         return f"{focus} wins: its paired interval excludes 0 (above) against every other method."
     parts = [f"{'wins over' if v == 'higher' else 'loses to' if v == 'lower' else 'ties with'} {m}" for m, v in verdicts.items()]
@@ -134,8 +138,8 @@ def markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], strength
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, metrics in summary.items():
         strength = strengths.get(method)
-        strength_text = "-" if strength is None else f"{STRENGTH_NAME[method]} {strength:g}"
-        cells = [method, strength_text, str(steps[method])] + [_cell(metrics[k], f, s) for k, _, f, s in columns]
+        strength_text = "-" if strength is None else f"{STRENGTH_NAME[Arm.parse(method).method]} {strength:g}"
+        cells = [Arm.parse(method).label, strength_text, str(steps[method])] + [_cell(metrics[k], f, s) for k, _, f, s in columns]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Paired difference to `{reference}` (method minus {reference}, mean over {n} seeds, 95% t-interval, "
               f"t with {n - 1} degrees of freedom; accuracy in points):", ""]
@@ -144,7 +148,7 @@ def markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], strength
     header = ["method"] + [c[1] for c in keys]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, diffs in comparison["versus_reference"].items():
-        cells = [method] + [interval_text(diffs[k], s, "{:+.1f}" if s == 100.0 else "{:+.3g}") for k, _, _, s in keys]
+        cells = [Arm.parse(method).label] + [interval_text(diffs[k], s, "{:+.1f}" if s == 100.0 else "{:+.3g}") for k, _, _, s in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + deployment_markdown(comparison, accuracy_names, reference))
 
@@ -190,7 +194,7 @@ def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, pat
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (budget, table) in zip(axes[0], tables.items()):
         for i, (method, metrics) in enumerate(table.items()):
-            ax.scatter(metrics["hessian_trace"], [100 * a for a in metrics[primary]], label=method,
+            ax.scatter(metrics["hessian_trace"], [100 * a for a in metrics[primary]], label=Arm.parse(method).label,
                        color=colours[i % len(colours)], s=36, alpha=0.85)
         ax.set_xlabel("Hessian trace of the training loss (trained weights)")
         ax.set_ylabel(f"{primary.replace('accuracy_', accuracy + ', ')} (%)")

@@ -25,13 +25,14 @@ from nso_hf.experiment.tasks import TASKS, Task
 
 def run_tokens(run: Run, base_argv: Sequence[str], output_root: str, eval_sources: Sequence[str], flatness: Sequence[str]) -> list[str]:
     """The command line of `run`: the shared options, then the run's own (which win)."""
+    arm = run.arm
     tokens = list(base_argv) + [
-        "--method", run.method, "--seed", str(run.seed), "--max_steps", str(run.steps),
+        "--method", arm.method, *arm.options(), "--seed", str(run.seed), "--max_steps", str(run.steps),
         "--output_dir", os.path.join(output_root, run.name), "--eval_sources", *eval_sources,
         "--save_final_model", "false", "--save_strategy", "no", "--disable_tqdm", "true",
     ]
     if run.strength is not None:
-        tokens += [f"--{STRENGTH_NAME[run.method]}", repr(run.strength)]
+        tokens += [f"--{STRENGTH_NAME[arm.method]}", repr(run.strength)]
     if run.role == "test":
         tokens += list(flatness)
     return tokens + checkpoint_tokens(tokens)

@@ -36,6 +36,7 @@ class Task:
         parse: command-line tokens (and the script path) -> parsed arguments; raises ValueError.
         run: parsed arguments -> the run's results dict.
         train_numbers: results -> (mean train loss, seconds per step, peak CUDA MiB or None).
+        compute: results -> (micro-batches trained, forward+backward passes made) by the main process.
         trains_lora: parsed arguments -> whether the runs train LoRA adapters (merged methods need them).
         prepare: parsed arguments -> None; builds, once, what runs started side by side would each build.
     """
@@ -51,6 +52,7 @@ class Task:
     parse: Callable[[list[str], str | None], Any]
     run: Callable[[Any], dict[str, Any]]
     train_numbers: Callable[[dict[str, Any]], tuple[float, float, float | None]]
+    compute: Callable[[dict[str, Any]], tuple[int, int]]
     trains_lora: Callable[[Any], bool]
     prepare: Callable[[Any], None]
 
@@ -144,6 +146,7 @@ TASKS = {
         parse=_cot_parse,
         run=_cot_run,
         train_numbers=_cot_train_numbers,
+        compute=lambda results: (results["train"]["micro_batches"], results["train"]["forward_backward_passes"]),
         trains_lora=lambda parsed: not parsed[0].full_finetune,
         prepare=_cot_prepare,
     ),
@@ -163,6 +166,7 @@ TASKS = {
         parse=_clip_parse,
         run=_clip_run,
         train_numbers=_clip_train_numbers,
+        compute=lambda results: (results["micro_batches"], results["forward_backward_passes"]),
         trains_lora=lambda parsed: False,  # no LoRA option in pretrain_clip.py
         prepare=lambda parsed: None,  # the digits and the tokenizer are built in each run, in a second
     ),
