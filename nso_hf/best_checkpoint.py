@@ -141,7 +141,8 @@ def selection_results(trainer: Any, validation_source: str | None, validation_ex
          "curve": [{"step", "epoch", <metric>: value, ..., "seconds"}] (every evaluation, from Trainer's
          log history, so a resumed run has the whole curve), "best_step", "best_metric",
          "best_checkpoint", "final_weights_step" (the step the final weights come from: the best
-         checkpoint's when --load_best_model_at_end loaded it, else the last step), "evaluations" and
+         checkpoint's when --load_best_model_at_end loaded it, else the last step), "last_step" (the step
+         training ended at), "evaluations" and
          "eval_seconds" (this process's), "checkpoint_seconds" (this process's saves)}.
     """
     if not isinstance(trainer, AccuracyEvaluationMixin):
@@ -163,6 +164,7 @@ def selection_results(trainer: Any, validation_source: str | None, validation_ex
         "best_metric": state.best_metric,
         "best_checkpoint": best_checkpoint,
         "final_weights_step": _checkpoint_step(best_checkpoint) if loaded else state.global_step,
+        "last_step": state.global_step,
         "evaluations": trainer.evaluations,
         "eval_seconds": trainer.evaluation_seconds,
         "checkpoint_seconds": trainer.checkpoint_seconds,
