@@ -169,3 +169,56 @@ def selection_results(trainer: Any, validation_source: str | None, validation_ex
         "eval_seconds": trainer.evaluation_seconds,
         "checkpoint_seconds": trainer.checkpoint_seconds,
     }
+
+
+def selection_sections(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{label: selection} of a results file that evaluated during training, for plotting.
+
+    Args:
+        results: a `cot_results.json` or CLIP `eval_results.json` (one run: a "selection" key), or a
+            `clip_results.json` ({method: run results}).
+
+    Returns:
+        The runs' `selection_results`, labelled by method; {} when none evaluated during training.
+    """
+    if "selection" in results:
+        return {str(results.get("method", "run")): results["selection"]} if results["selection"] else {}
+    return {m: r["selection"] for m, r in results.items() if isinstance(r, dict) and r.get("selection")}
+
+
+def plot_selection_curves(sections: dict[str, dict[str, Any]], path: str) -> None:
+    """The validation score over optimizer steps, one line per run, the step the final weights came from starred.
+
+    Args:
+        sections: {label: selection} (`selection_sections`).
+        path: the PNG to write (needs matplotlib: `pip install nso-hf[flatness]`).
+
+    Raises:
+        ValueError: nothing to plot.
+    """
+    if not sections:
+        raise ValueError("No run in these results evaluated during training (--eval_strategy steps|epoch): no curve to plot.")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, selection in sections.items():
+        metric = selection["metric"] or next(k for k in selection["curve"][0] if k not in ("step", "epoch", "seconds"))
+        steps = [p["step"] for p in selection["curve"]]
+        values = [100 * p[metric] for p in selection["curve"]]
+        (line,) = ax.plot(steps, values, marker=".", label=label)
+        if selection["final_weights_step"] in steps:
+            best = steps.index(selection["final_weights_step"])
+            ax.plot([steps[best]], [values[best]], marker="*", markersize=14, color=line.get_color(), linestyle="none")
+    ax.set_xlabel("optimizer step (star: the final weights' checkpoint)")
+    first = next(iter(sections.values()))
+    rows = f" ({first['validation_examples']} rows)" if first.get("validation_examples") else ""
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"scored during training on {first['validation_source']}{rows}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -260,3 +260,23 @@ def test_clip_refuses_robustness_on_a_model_with_nothing_to_quantize_before_trai
     monkeypatch.setattr(pipeline, "trainer_class", lambda *a: pytest.fail("training started before --robustness was refused"))
     with pytest.raises(ValueError, match=r"--robustness: none of the model's \d+ Linear weights .*drop --robustness"):
         run_clip(clip_argv(tmp_path / "out", "nso", "--robustness", "true"))
+
+
+def test_validation_curves_are_found_in_either_results_file_and_plotted(tmp_path):
+    from plot_validation_curve import main
+
+    from nso_hf.best_checkpoint import selection_sections
+
+    curve = [{"step": s, "epoch": s / 4, "exact_match": a, "seconds": 0.1} for s, a in zip([1, 2, 3, 4], SCRIPTED)]
+    selection = {"metric": "exact_match", "curve": curve, "final_weights_step": 2, "validation_source": "validation",
+                 "validation_examples": 3}
+    assert selection_sections({"method": "nso", "selection": selection}) == {"nso": selection}  # cot_results.json
+    assert selection_sections({"method": "nso", "selection": None}) == {}
+    clip = {"none": {"selection": selection}, "nso": {"selection": None}}  # clip_results.json: one entry per method
+    assert selection_sections(clip) == {"none": selection}
+    (tmp_path / "r.json").write_text(json.dumps({"method": "nso", "selection": selection}))
+    main([str(tmp_path / "r.json"), str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "plain.json").write_text(json.dumps({"method": "nso", "selection": None}))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "plain.json"), str(tmp_path / "none.png")])
