@@ -141,6 +141,44 @@ def extract_answer(text: str, kind: str = "number", strict: bool = False) -> str
     return normalize_text(first_line)
 
 
+def answer_mentions(text: str, kind: str) -> list[tuple[int, int, str]]:
+    """Where `text` states a candidate answer of `kind`: (start, end, normalised answer), in text order.
+
+    Numbers: every number; yes/no: every yes/no/true/false word; letters: every "(X)", and the first
+    letter after the last answer marker; text: the first line after the last marker. Label noise
+    (`data_recipes.label_noise`) rewrites the last mention of the gold answer in a rationale.
+
+    Args:
+        text: a rationale or a generation.
+        kind: one of `ANSWER_KINDS`.
+
+    Returns:
+        The spans, each covering the answer itself (not the parentheses around a letter).
+    """
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"Unknown answer kind {kind!r}; use one of {ANSWER_KINDS}.")
+    if kind == "number":
+        return [(m.start(), m.end(), normalize_number(m.group())) for m in _NUMBER.finditer(text)]
+    if kind == "yesno":
+        return [(m.start(), m.end(), normalize_yesno(m.group())) for m in _YESNO.finditer(text)]
+    region, marked = _answer_region(text)
+    offset = len(text) - len(region)
+    if kind == "letter":
+        spans = [(m.start(1), m.end(1), m.group(1).upper()) for m in re.finditer(r"\(([A-Ea-e])\)", text)]
+        after = _LETTER.search(region) if marked else None
+        if after is not None:
+            group = 1 if after.group(1) else 2
+            start = offset + after.start(group)
+            if all(s != start for s, _, _ in spans):
+                spans.append((start, offset + after.end(group), after.group(group).upper()))
+        return sorted(spans)
+    if not marked:  # kind == "text"
+        return []
+    line = region.split("\n", 1)[0]
+    start = offset + len(line) - len(line.lstrip())
+    return [(start, offset + len(line.rstrip()), normalize_text(line))] if line.strip() else []
+
+
 _CANONICAL = {
     "number": re.compile(r"-?\d+(?:\.\d+)?"),
     "yesno": re.compile(r"yes|no"),

@@ -17,6 +17,13 @@ Continue an interrupted run from its newest complete checkpoint (or name one):
 
     python scripts/finetune_cot.py ...same options... --resume_from_checkpoint true
 
+Keep the checkpoint that scores best on validation (generated exact match), with label noise, and the
+accuracy after GGUF Q8_0 / Q4_0 round trips (docs/cot.md, "Training to convergence"):
+
+    python scripts/finetune_cot.py ...same options... --eval_strategy steps --eval_steps 50 \
+        --validation_source validation --load_best_model_at_end true --metric_for_best_model exact_match \
+        --save_strategy best --save_total_limit 1 --label_noise 0.2 --robustness true
+
 Every option can also come from a YAML file (`--config run.yaml`; command-line options override it).
 Options: `python scripts/finetune_cot.py --help`.
 """

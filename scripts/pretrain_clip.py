@@ -13,6 +13,9 @@ Launch:
     python scripts/pretrain_clip.py --method nso --image_folder my_images/ --caption_column text --model_preset small
     accelerate launch scripts/pretrain_clip.py --method nso --dataset_name <hub id> --caption_column caption \
         --gather_features --model_preset small --per_device_train_batch_size 256
+    python scripts/pretrain_clip.py --method nso --validation_fraction 0.2 --validation_source validation \
+        --eval_strategy steps --eval_steps 30 --load_best_model_at_end true --metric_for_best_model zero_shot_accuracy \
+        --save_strategy best --save_total_limit 1 --label_noise 0.2 --robustness true     # docs/clip.md
 """
 
 from __future__ import annotations

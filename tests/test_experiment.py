@@ -83,6 +83,12 @@ def test_bad_experiment_arguments_fail_before_any_run():
         ExperimentArguments(validation_sources=["test", "x"], selection="test")
     with pytest.raises(ValueError, match="--primary"):
         ExperimentArguments(primary="validation")
+    with pytest.raises(ValueError, match=r"--evaluations must be >= 1 .*got 0"):
+        ExperimentArguments(best_checkpoint=True, evaluations=0)
+    with pytest.raises(ValueError, match=r"--validation_samples must be >= 1, got 0: leave it unset"):
+        ExperimentArguments(best_checkpoint=True, validation_samples=0)
+    with pytest.raises(ValueError, match=r"--label_noise must be a fraction of the training rows in \[0, 1\), got 1.0"):
+        ExperimentArguments(label_noise=1.0)
     assert parse_assignments(["nso=0.01,0.02", "sam=0.05"], "--grid") == {"nso": [0.01, 0.02], "sam": [0.05]}
     for bad in ("nso", "none=0.1", "nso=a", "nso=-0.1", "nso=inf"):
         with pytest.raises(ValueError, match="--grid"):
@@ -95,6 +101,24 @@ def test_bad_experiment_arguments_fail_before_any_run():
         strength_plan(ExperimentArguments(methods=["none", "nso"], grid=["rwp=0.1"]))
     with pytest.raises(ValueError, match="one value for nso"):
         strength_plan(ExperimentArguments(strengths=["nso=0.01,0.02"]))
+
+
+def test_best_checkpoint_runs_save_improvements_only_and_their_checkpoints_are_removed(tmp_path):
+    from nso_hf.experiment.runner import checkpoint_tokens, remove_checkpoints
+
+    plain = ["--method", "nso", "--save_strategy", "no"]
+    best = [*plain, "--load_best_model_at_end", "true", "--eval_strategy", "steps"]
+    assert checkpoint_tokens(plain) == [] and checkpoint_tokens([*best, "--load_best_model_at_end", "false"]) == []
+    assert checkpoint_tokens(best) == ["--save_strategy", "best", "--save_total_limit", "1", "--save_only_model", "true"]
+    for name in ("checkpoint-3", "checkpoint-12"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"0")
+    (tmp_path / "cot_results.json").write_text("{}")
+    remove_checkpoints(str(tmp_path), plain)  # a run that saved nothing of its own: its folder is left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-3", "cot_results.json"]
+    remove_checkpoints(str(tmp_path), best)
+    assert [p.name for p in tmp_path.iterdir()] == ["cot_results.json"]
+    remove_checkpoints(str(tmp_path / "not_started"), best)  # no folder yet: nothing to do
 
 
 def test_arms_on_a_schedule_and_their_compute():
@@ -211,17 +235,25 @@ def test_quick_comparison_of_a_scheduled_arm_at_equal_compute(tiny_model_dir, tm
 
 
 def test_quick_clip_comparison_end_to_end(tmp_path, one_thread):
-    """--task clip: pretrain_clip.py runs, chosen on the validation rows, scored on test and the rotated ood split."""
+    """--task clip: pretrain_clip.py runs, chosen on the validation rows, scored on test and the rotated ood split;
+    with the best checkpoint by zero-shot accuracy on the validation rows, label noise and the deployed-model measures."""
     from compare_methods import main
 
     out = tmp_path / "clip"
-    main(["--task", "clip", "--quick", "--output_dir", str(out), "--methods", "none", "nso"])
+    main(["--task", "clip", "--quick", "--output_dir", str(out), "--methods", "none", "nso", "--best_checkpoint", "true",
+          "--validation_samples", "8", "--label_noise", "0.25", "--robustness", "true"])
     results = json.loads((out / "results.json").read_text())
     assert results["strengths"] == {"none": None, "nso": 0.01} and results["arguments"]["task"] == "clip"
     assert results["primary_metric"] == "zero-shot accuracy on 'test' at equal compute"
     run = json.loads((out / "test" / "none_steps2_seed0" / "eval_results.json").read_text())
     assert set(run["eval"]) == {"test", "ood"} and run["eval"]["test"]["num_images"] == 16
     assert "--eval_sources" in run["command_line"] and run["steps"] == 2
+    assert run["selection"]["metric"] == "zero_shot_accuracy" and run["selection"]["validation_examples"] == 8
+    assert [p["step"] for p in run["selection"]["curve"]] == [1, 2] and run["label_noise"]["rows_changed"] == 16
+    assert set(run["robustness"]["sources"]) == {"test", "ood"}
+    assert not [p for p in (out / "test" / "none_steps2_seed0").iterdir() if p.name.startswith("checkpoint-")]
+    for key in ("best_step", "q4_0_drop_test", "rows_relabelled"):
+        assert len(results["per_seed"]["equal_compute"]["nso"][key]) == 2
     selection = json.loads((out / "validation" / "nso_sigma0.01_steps2_seed1000" / "eval_results.json").read_text())
     assert set(selection["eval"]) == {"validation", "ood_validation"} and selection["flatness"] is None
     for budget, table in results["per_seed"].items():
@@ -314,3 +346,50 @@ def test_runs_through_a_launcher(tiny_model_dir, tmp_path):
     assert results["primary_metric"] == "zero-shot accuracy on 'test' at equal steps" and len(results["runs"]) == 4
     run = json.loads((clip / "test" / "nso_sigma0.01_steps2_seed1" / "eval_results.json").read_text())
     assert run["peak_memory_kind"].startswith("not measured") and set(run["eval"]) == {"test", "ood"}
+
+
+def test_quick_comparison_with_best_checkpoint_label_noise_and_robustness(tiny_model_dir, tmp_path, one_thread):
+    """Every test run scores the validation rows during training (evaluations spaced by its own steps) and ends on
+    its best checkpoint (saved in its own folder, deleted once its results are written), trains on the same
+    relabelled rows, and measures the deployed model; the report gives each measure with paired intervals; a
+    second call runs nothing."""
+    from compare_methods import main
+
+    out = tmp_path / "conv"
+    argv = ["--quick", "--output_dir", str(out), "--methods", "none", "nso", "--model_name_or_path", tiny_model_dir,
+            "--best_checkpoint", "true", "--evaluations", "2", "--validation_samples", "3", "--label_noise", "0.25",
+            "--robustness", "true"]
+    main(argv)
+    results = json.loads((out / "results.json").read_text())
+    runs = [r for r in results["runs"] if r["role"] == "test"]
+    assert sorted((r["method"], r["steps"]) for r in runs) == [("none", 2)] * 2 + [("none", 4)] * 2 + [("nso", 2)] * 2
+    for r in runs:
+        run = json.loads((out / r["name"] / "cot_results.json").read_text())
+        line = run["command_line"]
+        assert line[line.index("--label_noise") + 1] == "0.25" and line[line.index("--robustness") + 1] == "true"
+        assert line[-6:] == ["--save_strategy", "best", "--save_total_limit", "1", "--save_only_model", "true"]
+        assert run["data"]["label_noise"]["rows_changed"] == 16  # a quarter of the 64 quick training rows
+        selection = run["selection"]
+        assert selection["validation_source"] == "validation" and selection["validation_examples"] == 3
+        # Two evaluations per run, every steps // 2 of its own steps: at steps 1, 2 or 2, 4 (equal compute).
+        assert [p["step"] for p in selection["curve"]] == [r["steps"] // 2, r["steps"]]
+        scores = [p["exact_match"] for p in selection["curve"]]
+        assert selection["final_weights_step"] == selection["curve"][scores.index(max(scores))]["step"]
+        assert set(run["robustness"]["sources"]) == {"test", "ood"}
+        assert not [p for p in (out / r["name"]).iterdir() if p.name.startswith("checkpoint-")]  # cleaned up
+    selection_run = json.loads((out / "validation" / "nso_sigma0.01_steps2_seed1000" / "cot_results.json").read_text())
+    assert selection_run["selection"] is None and selection_run["data"]["label_noise"]["rows_changed"] == 16
+    for budget in ("equal_steps", "equal_compute"):
+        table = results["per_seed"][budget]
+        for key in ("q8_0_test", "q4_0_drop_ood", "noise_drop_test", "best_step", "best_fraction", "eval_seconds",
+                    "robustness_seconds"):
+            assert len(table["nso"][key]) == 2 and all(math.isfinite(v) for v in table["nso"][key]), key
+        assert table["none"]["rows_relabelled"] == [16.0, 16.0]
+        diff = results["comparisons"][budget]["versus_reference"]["nso"]["q4_0_drop_test"]
+        expected = paired_difference(table["nso"]["q4_0_drop_test"], table["none"]["q4_0_drop_test"])
+        assert (diff["mean"], diff["low"]) == (expected.mean, expected.low)
+    text = (out / "results.md").read_text()
+    assert "| method | Q8_0 acc. test |" in text and "best step / steps" in text and "validation eval s" in text
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")}
+    main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before

@@ -7,12 +7,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from data_recipes.label_noise import check_label_noise
 from nso_hf.clip.presets import PRESETS
 from nso_hf.clip.trainers import METHODS
 from nso_hf.flatness.final import FlatnessArguments
+from nso_hf.robustness import RobustnessArguments
 
 # The held-out splits a run can be evaluated on (`--eval_sources`); the ood ones are rotated copies.
 EVAL_SOURCES = ("test", "validation", "ood", "ood_validation")
+# The splits that may be scored during training (`--validation_source`): carved from the train rows, never test.
+VALIDATION_SOURCES = ("validation", "ood_validation")
 
 
 @dataclass
@@ -92,6 +96,25 @@ class CLIPDataArguments:
     ood_rotation: float = field(
         default=30.0, metadata={"help": "Rotation in degrees of the out-of-distribution splits (training never rotates)."}
     )
+    validation_source: str | None = field(
+        default=None,
+        metadata={"help": "Split scored during training (--eval_strategy steps|epoch) by zero-shot accuracy, logged as "
+                  "eval_zero_shot_accuracy; with --load_best_model_at_end --metric_for_best_model zero_shot_accuracy it "
+                  "chooses the final checkpoint. Needs --validation_fraction > 0.", "choices": list(VALIDATION_SOURCES)},
+    )
+    validation_samples: int | None = field(
+        default=None,
+        metadata={"help": "Validation images scored per evaluation during training (the first N; default all). The "
+                  "--eval_sources are always scored in full at the end."},
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={"help": "Fraction p in [0, 1) of training images given the caption of another class (needs a class "
+                  "column); the held-out splits are never changed."},
+    )
+    label_noise_seed: int = field(
+        default=0, metadata={"help": "Seed of which rows --label_noise changes (apart from --seed: every run shares them)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many train rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many held-out rows."})
     preprocess_images: bool = field(
@@ -114,10 +137,27 @@ class CLIPDataArguments:
             raise ValueError("Evaluating on validation / ood_validation needs a validation split: set validation_fraction > 0.")
         if not math.isfinite(self.ood_rotation):
             raise ValueError(f"ood_rotation must be a finite number of degrees, got {self.ood_rotation!r}.")
+        check_label_noise(self.label_noise)
+        if self.validation_source is not None:
+            if self.validation_source not in VALIDATION_SOURCES:
+                raise ValueError(
+                    f"--validation_source must be one of {list(VALIDATION_SOURCES)} (rows carved from the train split), "
+                    f"got {self.validation_source!r}: the test split never chooses a checkpoint."
+                )
+            if self.validation_fraction == 0.0:
+                raise ValueError(
+                    f"--validation_source {self.validation_source} needs validation rows: set --validation_fraction > 0 "
+                    "(e.g. 0.2)."
+                )
+        if self.validation_samples is not None and self.validation_samples < 1:
+            raise ValueError(
+                f"--validation_samples must be >= 1, got {self.validation_samples}: leave it unset to score the whole "
+                "validation split."
+            )
 
 
 @dataclass
-class CLIPRunArguments(FlatnessArguments):
+class CLIPRunArguments(FlatnessArguments, RobustnessArguments):
     # The method is NSOConfig's `--method` (one vocabulary for every script); `parse` in
     # scripts/pretrain_clip.py copies it here when it was given, else compare_methods are trained.
     # Not an argument of its own (init=False): HfArgumentParser would reject the clash with NSOConfig.
@@ -141,7 +181,8 @@ class CLIPRunArguments(FlatnessArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        FlatnessArguments.__post_init__(self)
+        RobustnessArguments.__post_init__(self)
         bad = [m for m in self.compare_methods if m not in METHODS]
         if bad:
             raise ValueError(f"compare_methods may hold {METHODS} only, got {bad}.")

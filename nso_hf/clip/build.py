@@ -16,6 +16,7 @@ from nso_hf.clip.arguments import CLIPDataArguments, CLIPModelArguments
 from nso_hf.clip.augment import Augment
 from nso_hf.clip.collator import CLIPCollator
 from nso_hf.clip.digits import CLASS_NAMES, ZERO_SHOT_TEMPLATES, load_digits_splits
+from nso_hf.clip.label_noise import swap_captions
 from nso_hf.clip.pipeline import CLIPTask
 from nso_hf.clip.preprocessing import (
     image_processor_for_size,
@@ -39,7 +40,9 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
 
     The evaluation splits are those `data_args.eval_sources` names: the held-out split (`test`), the
     validation rows carved from the train split (`validation`), and rotated copies of either (`ood`,
-    `ood_validation`; see `nso_hf.clip.shift`).
+    `ood_validation`; see `nso_hf.clip.shift`). `--validation_source` names the split scored during
+    training (its first `--validation_samples` rows), and `--label_noise` relabels training rows
+    (`nso_hf.clip.label_noise`) once every held-out split has been carved.
 
     Args:
         model_args, data_args: parsed arguments (`data_args.split_seed` fixes a carved-out held-out split).
@@ -75,6 +78,10 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
         train, validation = parts["train"], parts["test"]
     if d.max_train_samples is not None:
         train = train.select(range(min(d.max_train_samples, len(train))))
+    # After every split is carved: only training rows are relabelled, evaluation data never. The tokenizer is
+    # built from the clean captions: label noise must not change the vocabulary (runs at every p share it).
+    clean_captions = train[d.caption_column]
+    train, label_noise = swap_captions(train, d.label_noise, d.label_noise_seed, d.caption_column, label_column)
     if d.max_eval_samples is not None:
         held_out = held_out.select(range(min(d.max_eval_samples, len(held_out))))
         if validation is not None:
@@ -83,6 +90,11 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
     for source in d.eval_sources:  # CLIPDataArguments checked the names, and validation_fraction for the validation ones
         split = held_out if source in ("test", "ood") else validation
         evals[source] = rotated_split(split, d.image_column, d.ood_rotation) if source.startswith("ood") else split
+    scored = None  # the rows scored during training: the first validation_samples of the validation source
+    if d.validation_source is not None:
+        scored = validation.select(range(min(d.validation_samples or len(validation), len(validation))))
+        if d.validation_source == "ood_validation":
+            scored = rotated_split(scored, d.image_column, d.ood_rotation)
 
     m = model_args
     if m.model_name_or_path is not None:
@@ -97,7 +109,7 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
         if m.tokenizer_name is not None:
             tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_name)
         else:
-            tokenizer = build_word_tokenizer(_captions(train[d.caption_column]), m.max_caption_length, m.min_word_frequency)
+            tokenizer = build_word_tokenizer(_captions(clean_captions), m.max_caption_length, m.min_word_frequency)
         check_eos_id(tokenizer.eos_token_id)
         side = m.image_size or preset_image_size(m.model_preset)
         image_processor = image_processor_for_size(side)
@@ -118,6 +130,8 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
         # Once up front: the PIL processor costs about as much per batch as a tiny model's step.
         train = preprocess_images(train, image_processor, d.image_column)
         evals = {name: preprocess_images(split, image_processor, d.image_column) for name, split in evals.items()}
+        if scored is not None:
+            scored = preprocess_images(scored, image_processor, d.image_column)
     augment = (
         Augment(tuple(image_processor.image_mean), tuple(image_processor.image_std), crop_scale=(d.crop_scale_min, 1.0), hflip=d.hflip)
         if d.augment
@@ -139,6 +153,9 @@ def build_task(model_args: CLIPModelArguments, data_args: CLIPDataArguments) -> 
         templates=templates,
         label_column=label_column,
         extra_processors=[image_processor],
+        validation=scored,
+        validation_source=d.validation_source,
+        label_noise=label_noise,
     )
     return task, make_model
 

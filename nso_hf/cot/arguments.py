@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from data_recipes import RECIPES
 from data_recipes.answers import ANSWER_KINDS
+from data_recipes.label_noise import check_label_noise
 from nso_hf.flatness.final import FlatnessArguments
+from nso_hf.robustness import RobustnessArguments
 
 # Recipes whose answer kind is an option; the others fix it (gsm8k: numbers, strategyqa: yes/no, ...).
 KIND_OPTION_RECIPES = ("jsonl", "cot_json")
@@ -19,9 +21,9 @@ PRESETS = ("smollm2",)
 
 
 @dataclass
-class CoTScriptArguments(FlatnessArguments):
-    """Model and evaluation settings, and the flatness measures at the end (the method and its strength
-    are NSOConfig's)."""
+class CoTScriptArguments(FlatnessArguments, RobustnessArguments):
+    """Model and evaluation settings, and the flatness and deployment measures at the end (the method and
+    its strength are NSOConfig's)."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -60,7 +62,8 @@ class CoTScriptArguments(FlatnessArguments):
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}.")
-        super().__post_init__()
+        FlatnessArguments.__post_init__(self)
+        RobustnessArguments.__post_init__(self)
 
 
 @dataclass
@@ -84,6 +87,26 @@ class CoTDataArguments:
         default=None,
         metadata={"help": "One or more evaluation sources (synthetic default: 'test' 'ood'; Hub ids use "
                   "--eval_split). Each is evaluated and reported under its own name."},
+    )
+    validation_source: str | None = field(
+        default=None,
+        metadata={"help": "Source scored during training (--eval_strategy steps|epoch) by strict generated exact match, "
+                  "logged as eval_exact_match; with --load_best_model_at_end --metric_for_best_model exact_match it "
+                  "chooses the final checkpoint (synthetic: 'validation'). Never one of --eval_sources."},
+    )
+    validation_split: str = field(default="validation", metadata={"help": "Split of a Hub validation source."})
+    validation_samples: int | None = field(
+        default=None,
+        metadata={"help": "Validation examples scored per evaluation during training (the first N; default all). "
+                  "The --eval_sources are always scored in full at the end."},
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={"help": "Fraction p in [0, 1) of training rows given a wrong final answer (the rationale's last "
+                  "mention of it rewritten to match); evaluation data are never changed."},
+    )
+    label_noise_seed: int = field(
+        default=0, metadata={"help": "Seed of which rows --label_noise changes (apart from --seed: every run shares them)."}
     )
     train_split: str = field(default="train", metadata={"help": "Split of a Hub training source."})
     eval_split: str = field(default="test", metadata={"help": "Split of Hub evaluation sources."})
@@ -139,6 +162,12 @@ class CoTDataArguments:
             )
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"--max_length must be >= 1, got {self.max_length}.")
+        check_label_noise(self.label_noise)
+        if self.validation_samples is not None and self.validation_samples < 1:
+            raise ValueError(
+                f"--validation_samples must be >= 1, got {self.validation_samples}: leave it unset to score the whole "
+                "validation source."
+            )
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 checks before any model loads (options, output folder, the model's position limit from its
 config, every data file read and non-empty, the checkpoint to resume from) -> seed -> load the
-model (LoRA by default) -> a recipe's data, formatted with the prompt masked -> train with
-`Trainer` (method "none") or `NSOTrainer` (nso, rwp, sam, asam, flat_lora, nso_merged: docs/methods.md),
-resuming if asked -> greedy-generation accuracy on every evaluation source -> optionally the flatness of the training
-loss (Hessian trace, top eigenvalue, noise stability) -> `cot_results.json` beside the predictions (main process only).
+model (LoRA by default) -> a recipe's data (optionally with label noise), formatted with the prompt masked
+-> train with `Trainer` (method "none") or `NSOTrainer` (nso, rwp, sam, asam, flat_lora, nso_merged:
+docs/methods.md), resuming if asked, scoring the validation source during training and ending on the best
+checkpoint if asked (`nso_hf.best_checkpoint`) -> greedy-generation accuracy on every evaluation source ->
+optionally the flatness of the training loss (Hessian trace, top eigenvalue, noise stability) and the
+accuracy after GGUF round trips and under weight noise (`nso_hf.robustness`) -> `cot_results.json` beside
+the predictions (main process only).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import time
 from typing import Any
 
+from nso_hf.best_checkpoint import check_selection_options, evaluates_during_training, selection_results
 from nso_hf.compute import MicroBatchCounter, training_compute
 from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
@@ -140,6 +144,8 @@ class CheckedInputs:
     load_report: Any
     eval_sets: dict[str, Any]
     eval_origin: dict[str, str]
+    validation: Any = None  # the rows scored during training (None: no --validation_source)
+    label_noise: Any = None  # data_recipes.label_noise.LabelNoiseReport of the training rows
 
 
 def training_inputs(script_args: CoTScriptArguments, data_args: CoTDataArguments) -> CheckedInputs:
@@ -151,10 +157,45 @@ def training_inputs(script_args: CoTScriptArguments, data_args: CoTDataArguments
     max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
     recipe = build_recipe(data_args)
     train_source, _ = data_sources(data_args)
+    from data_recipes.label_noise import add_label_noise
+
     train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
     if len(train_data) == 0:  # local files already raise in Recipe.load; this covers generated splits
         raise ValueError(f"{train_source}: no examples to use.")
-    return CheckedInputs(recipe, None, max_length, train_source, train_data, recipe.last_report, {}, {})
+    load_report = recipe.last_report
+    train_data, noise = add_label_noise(train_data, data_args.label_noise, data_args.label_noise_seed, recipe.answer_kind)
+    return CheckedInputs(recipe, None, max_length, train_source, train_data, load_report, {}, {}, label_noise=noise)
+
+
+# What the evaluation during training logs (as eval_<name>): the names --metric_for_best_model may take.
+SELECTION_METRICS = ("exact_match", "exact_match_strict", "exact_match_flexible")
+
+
+def validation_inputs(data_args: CoTDataArguments, recipe: Any, eval_sources: list[str]) -> Any:
+    """The rows scored during training: the first --validation_samples of --validation_source, or None.
+
+    Raises:
+        ValueError: the validation source is also an evaluation source (the test data would choose the
+            checkpoint), or it has no rows.
+    """
+    source = data_args.validation_source
+    if source is None:
+        return None
+    from data_recipes.sources import is_local_source
+
+    # A synthetic split or a file is the same data under the same name; a Hub id only with the same split.
+    named_alike = data_args.recipe == "synthetic" or is_local_source(str(source))
+    for test in eval_sources:
+        same = os.path.normpath(str(test)) == os.path.normpath(str(source))
+        if same and (named_alike or data_args.validation_split == data_args.eval_split):
+            raise ValueError(
+                f"--validation_source {source} is also one of --eval_sources: a test source must never choose the "
+                "checkpoint. Hold out a separate validation source (synthetic: validation)."
+            )
+    data = recipe.load(source, split=data_args.validation_split, max_samples=data_args.validation_samples)
+    if len(data) == 0:
+        raise ValueError(f"--validation_source {source}: no examples to use.")
+    return data
 
 
 def checked_inputs(
@@ -181,9 +222,17 @@ def checked_inputs(
         for name, data in eval_sets.items():
             if len(data) == 0:
                 raise ValueError(f"{eval_origin[name]}: no examples to use.")
+        check_selection_options(
+            training_args, data_args.validation_source, SELECTION_METRICS, "--validation_source validation (synthetic) or a file"
+        )
+        validation = validation_inputs(data_args, inputs.recipe, eval_sources)
+        if script_args.robustness:
+            from nso_hf.robustness import require_gguf
+
+            require_gguf()
     except (ValueError, OSError) as error:  # OSError: a missing file or model folder
         raise InputError(str(error)) from None  # the message says it all; the traceback would bury it
-    return dataclasses.replace(inputs, resume=resume, eval_sets=eval_sets, eval_origin=eval_origin)
+    return dataclasses.replace(inputs, resume=resume, eval_sets=eval_sets, eval_origin=eval_origin, validation=validation)
 
 
 def load_model(script_args: CoTScriptArguments, training_args: Any, lora_args: LoraArguments) -> tuple:
@@ -236,15 +285,21 @@ def training_features(inputs: CheckedInputs, data_args: CoTDataArguments, tokeni
     return features, format_report
 
 
-def make_trainer(nso_config: NSOConfig | None, **trainer_kwargs: Any):
-    """A plain `Trainer` when `nso_config` is None, else an `NSOTrainer` running it."""
-    if nso_config is None:
-        from transformers import Trainer
+def make_trainer(nso_config: NSOConfig | None, score: Any = None, **trainer_kwargs: Any):
+    """A plain `Trainer` when `nso_config` is None, else an `NSOTrainer` running it.
 
-        return Trainer(**trainer_kwargs)
+    With `score` (model -> the task's metrics on the validation source), the class evaluates with it
+    during training (`nso_hf.best_checkpoint.with_accuracy_evaluation`).
+    """
+    from transformers import Trainer
+
+    from nso_hf.best_checkpoint import with_accuracy_evaluation
     from nso_hf.trainer import NSOTrainer
 
-    return NSOTrainer(nso_config=nso_config, **trainer_kwargs)
+    cls, kwargs = (Trainer, {}) if nso_config is None else (NSOTrainer, {"nso_config": nso_config})
+    if score is not None:
+        cls, kwargs = with_accuracy_evaluation(cls), {**kwargs, "score": score}
+    return cls(**kwargs, **trainer_kwargs)
 
 
 def run_cot_finetune(
@@ -264,8 +319,10 @@ def run_cot_finetune(
         lora_args: adapter settings (ignored with `full_finetune`).
 
     Returns:
-        {"method", "model", "trainable_parameters", "data", "train", "eval": {name: metrics},
-         "hessian_trace": {...} or None, "flatness": {loss, hessian_trace, top_eigenvalue, noise_stability} or None}.
+        {"method", "model", "trainable_parameters", "data" (with "label_noise"), "train", "selection" (the
+         validation curve and the step the final weights come from, or None), "eval": {name: metrics},
+         "hessian_trace": {...} or None, "flatness": {loss, hessian_trace, top_eigenvalue, noise_stability} or None,
+         "robustness": accuracy after GGUF round trips and under weight noise (`nso_hf.robustness`) or None}.
     """
     import torch
     from transformers import DataCollatorForSeq2Seq
@@ -284,21 +341,50 @@ def run_cot_finetune(
 
     model, tokenizer, path, gguf_file = load_model(script_args, training_args, lora_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if script_args.robustness:
+        from nso_hf.robustness import check_quantizable
+
+        try:
+            check_quantizable(model)
+        except ValueError as error:  # found once the model exists, still before training
+            raise InputError(str(error)) from None
     features, format_report = training_features(inputs, data_args, tokenizer)
+    if inputs.label_noise.rows_changed:
+        noise = inputs.label_noise
+        print(f"[cot] label noise p={noise.p}: {noise.rows_changed} of {noise.rows} training rows given a wrong answer "
+              f"({noise.rationales_changed} rationales rewritten to match)", flush=True)
 
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     method = nso_config.method
     nso_config = config_for_method(method, nso_config)
+    score, extra = None, {}
+    if evaluates_during_training(training_args):  # the checks made sure a validation source exists
+
+        def score(model: Any) -> dict[str, float]:
+            metrics = evaluate_cot(
+                model, tokenizer, inputs.validation, recipe, format_report.template, "validation", None,
+                script_args.max_new_tokens, script_args.generation_batch_size, progress=False,
+            )
+            return {k: metrics[k] for k in (*SELECTION_METRICS, "num_truncated")}
+
+        extra = {"eval_dataset": inputs.validation}
     micro_batches = MicroBatchCounter()
     trainer = make_trainer(
-        nso_config, model=model, args=training_args, train_dataset=features,
-        data_collator=collator, processing_class=tokenizer, callbacks=[micro_batches],
+        nso_config, score, model=model, args=training_args, train_dataset=features,
+        data_collator=collator, processing_class=tokenizer, callbacks=[micro_batches], **extra,
     )
     if resume is not None:
         print(f"[cot] resuming from {resume}", flush=True)
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.perf_counter() - start
+    wall_seconds = time.perf_counter() - start
+    selection = selection_results(
+        trainer, None if inputs.validation is None else data_args.validation_source,
+        None if inputs.validation is None else len(inputs.validation),
+    )
+    # Evaluating and saving checkpoints is not training compute: seconds per step leave them out.
+    outside = 0.0 if selection is None else selection["eval_seconds"] + selection["checkpoint_seconds"]
+    train_seconds = wall_seconds - outside
     resumed_at = 0
     if resume is not None:
         with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as handle:
@@ -309,6 +395,11 @@ def run_cot_finetune(
         "train_loss": train_output.training_loss,
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / steps,
+        # trainer.train()'s wall time: training plus evaluations and checkpoint saves during training.
+        "train_wall_seconds": wall_seconds,
+        "eval_seconds": None if selection is None else selection["eval_seconds"],
+        "checkpoint_seconds": None if selection is None else selection["checkpoint_seconds"],
+        "final_weights_step": train_output.global_step if selection is None else selection["final_weights_step"],
         "resumed_from": resume,
         "resumed_at_step": resumed_at,
         # The compute spent: forward+backward passes this process ran (a plain step of the schedule makes one).
@@ -334,6 +425,24 @@ def run_cot_finetune(
             features, collator, training_args.per_device_train_batch_size, script_args.hessian_trace_batches
         )
         flatness = measure_flatness(model, batches, script_args, training_args.seed)
+    robustness = None
+    if script_args.robustness:
+        from nso_hf.robustness import measure_robustness
+
+        def evaluate_moved(label: str) -> dict[str, float]:
+            return {
+                name: evaluate_cot(
+                    model, tokenizer, data, recipe, format_report.template, f"{name} {label}", None,
+                    script_args.max_new_tokens, script_args.generation_batch_size, progress=not training_args.disable_tqdm,
+                )["exact_match"]
+                for name, data in eval_sets.items()
+            }
+
+        clean = {name: metrics["exact_match"] for name, metrics in evaluations.items()}
+        robustness = measure_robustness(
+            model, evaluate_moved, clean, script_args.robustness_noise, script_args.robustness_noise_draws,
+            training_args.seed,
+        )
     results = {
         "method": method,
         "model": path if gguf_file is None else os.path.join(path, gguf_file),
@@ -342,11 +451,14 @@ def run_cot_finetune(
         "nso_config": None if nso_config is None else nso_config.to_dict(),
         "data": {"recipe": data_args.recipe, "train_source": train_source, "rows_kept": load_report.kept,
                  "rows_dropped": load_report.dropped, "max_length": max_length,
-                 "eval_sources": eval_origin, **dataclasses.asdict(format_report)},
+                 "eval_sources": eval_origin, **dataclasses.asdict(format_report),
+                 "label_noise": inputs.label_noise.to_dict()},
         "train": train_metrics,
+        "selection": selection,
         "eval": evaluations,
         "hessian_trace": None if flatness is None else flatness["hessian_trace"],
         "flatness": flatness,
+        "robustness": robustness,
     }
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)

@@ -28,6 +28,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from data_recipes.label_noise import check_label_noise
 from nso_hf.config import METHODS
 from nso_hf.experiment import report
 from nso_hf.experiment.plan import (
@@ -124,6 +125,33 @@ class ExperimentArguments:
                   "'accelerate launch --num_processes 8' on a GPU machine (--workers is then ignored)."},
     )
     quick: bool = field(default=False, metadata={"help": "A tiny end-to-end run in under a minute: checks the pipeline, proves nothing."})
+    best_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "Every test run scores --selection during training, --evaluations times, and ends on the "
+                  "checkpoint with the best task accuracy there (the script's --load_best_model_at_end; checkpoints are "
+                  "saved in the run's folder when the score improves, weights only, and deleted once its results are "
+                  "written). The step the final weights came from and the evaluation seconds are reported per method."},
+    )
+    evaluations: int = field(
+        default=10,
+        metadata={"help": "Evaluations per test run with --best_checkpoint, every steps // N of the run's own steps: "
+                  "at equal compute a longer run is evaluated as often, so every method chooses among as many checkpoints."},
+    )
+    validation_samples: int | None = field(
+        default=None,
+        metadata={"help": "Validation rows scored per evaluation of --best_checkpoint (the first N of --selection; "
+                  "default all). Each evaluation generates an answer per row: this sets its cost."},
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training rows every run (selection and test) gets with a wrong label (the script's "
+                  "--label_noise, seeded apart from the run seed: every run shares the rows)."},
+    )
+    robustness: bool = field(
+        default=False,
+        metadata={"help": "Every test run also scores its test sources after GGUF Q8_0 / Q4_0 round trips and under "
+                  "weight noise (the script's --robustness); accuracies and drops are reported per method."},
+    )
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -159,6 +187,11 @@ class ExperimentArguments:
             raise ValueError(f"--selection {self.selection!r} is not one of --validation_sources {self.validation_sources}.")
         if set(self.test_sources) & set(self.validation_sources):
             raise ValueError("--test_sources and --validation_sources overlap: strengths would be chosen on test data.")
+        if self.evaluations < 1:
+            raise ValueError(f"--evaluations must be >= 1 (evaluations per test run with --best_checkpoint), got {self.evaluations}.")
+        if self.validation_samples is not None and self.validation_samples < 1:
+            raise ValueError(f"--validation_samples must be >= 1, got {self.validation_samples}: leave it unset to score every row.")
+        check_label_noise(self.label_noise)  # the scripts' own check, before any run
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, list[float]]:
@@ -232,6 +265,24 @@ def strength_plan(args: ExperimentArguments) -> tuple[dict[str, list[float]], di
     return tuned, {m: v[0] for m, v in fixed.items()}
 
 
+def test_run_tokens(args: ExperimentArguments, task: Any, run: Run) -> list[str]:
+    """A test run's options for --best_checkpoint and --robustness (the runner adds the checkpoint saves).
+
+    With --best_checkpoint the run is evaluated every `run.steps // args.evaluations` steps (at least 1), on the
+    first --validation_samples rows of --selection, by the task's accuracy.
+    """
+    tokens = []
+    if args.best_checkpoint:
+        every = max(1, run.steps // args.evaluations)
+        tokens += ["--eval_strategy", "steps", "--eval_steps", str(every), "--load_best_model_at_end", "true",
+                   "--metric_for_best_model", task.accuracy_key, "--validation_source", args.selection]
+        if args.validation_samples is not None:
+            tokens += ["--validation_samples", str(args.validation_samples)]
+    if args.robustness:
+        tokens += ["--robustness", "true"]
+    return tokens
+
+
 def compare_methods(args: ExperimentArguments, passthrough: list[str], command: str, script: str | None = None) -> dict[str, Any]:
     """Run the comparison and write `results.json`, `results.md` and `results.png` into `args.output_dir`.
 
@@ -243,6 +294,8 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     """
     task = TASKS[args.task]
     base = (["--config", args.run_config] if args.run_config else []) + (list(task.quick_tokens) if args.quick else []) + passthrough
+    if args.label_noise:  # the task itself: selection and test runs alike
+        base += ["--label_noise", repr(args.label_noise)]
     # Parsed once, before any run, so a typo fails in a second, not an hour in.
     parsed = task.check([*base, "--output_dir", os.devnull], [method_of(m) for m in args.methods], script)
     flatness = [
@@ -250,6 +303,10 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
         "--noise_stability_draws", str(args.noise_stability_draws), "--noise_stability_sigma", repr(args.noise_stability_sigma),
     ]
+    probe = Run("none", None, args.seeds[0], args.steps, "test")
+    if test_run_tokens(args, task, probe):  # the test runs' own options must parse too (the runner adds the saves)
+        tokens = run_tokens(probe, base, os.devnull, args.test_sources, flatness + test_run_tokens(args, task, probe))
+        task.check(tokens, [method_of(m) for m in args.methods], script)
     tuned, fixed = strength_plan(args)
     workers = 0 if args.quick else args.workers  # tiny runs: spawning a process would cost more than the run
     os.makedirs(args.output_dir, exist_ok=True)
@@ -270,7 +327,8 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
 
     runs = comparison_runs(args.methods, strengths, args.seeds, args.steps, args.budgets)
     results = run_all(
-        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness)) for r in runs], args.output_dir, workers,
+        [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness + test_run_tokens(args, task, r))) for r in runs],
+        args.output_dir, workers,
         args.launcher, script, task,
     )
     check_compute(runs, results, task)

@@ -46,6 +46,49 @@ def run_metrics(results: dict[str, Any], task: Task = TASKS["cot"]) -> dict[str,
         forward_backward_passes=float(passes),
         peak_memory_mib=float("nan") if memory is None else float(memory),
     )
+    metrics.update(deployment_metrics(results, task))
+    return metrics
+
+
+# (key prefix, label) of the measures of a run made with --robustness, one column per evaluation source.
+ROBUSTNESS_METRICS = (
+    ("q8_0", "Q8_0 acc."), ("q4_0", "Q4_0 acc."), ("noise", "noise acc."),
+    ("q8_0_drop", "Q8_0 drop"), ("q4_0_drop", "Q4_0 drop"), ("noise_drop", "noise drop"),
+)
+# (key, label, format) of how the final weights were chosen, what label noise changed, and what evaluating cost
+# (apart from the training seconds of `seconds_per_step`).
+SELECTION_METRICS = (
+    ("best_step", "best step", "{:.0f}"),
+    ("best_fraction", "best step / steps", "{:.2f}"),
+    ("rows_relabelled", "rows relabelled", "{:.0f}"),
+    ("eval_seconds", "validation eval s", "{:.1f}"),
+    ("robustness_seconds", "robustness s", "{:.1f}"),
+)
+
+
+def deployment_metrics(results: dict[str, Any], task: Task = TASKS["cot"]) -> dict[str, float]:
+    """The measures of the options a run was made with, only those it measured.
+
+    - --robustness: `<measure>_<source>` (accuracy after the GGUF round trips and under weight noise, each drop
+      from the run's clean accuracy) and `robustness_seconds`.
+    - Evaluation during training: `best_step` (the step the final weights came from), `best_fraction` (that
+      step over the run's steps) and `eval_seconds` (the validation scoring during training).
+    - --label_noise p > 0: `rows_relabelled`.
+    """
+    metrics: dict[str, float] = {}
+    robustness = results.get("robustness")
+    if robustness:
+        for source, row in robustness["sources"].items():
+            metrics.update({f"{key}_{source}": float(row[key]) for key, _ in ROBUSTNESS_METRICS})
+        metrics["robustness_seconds"] = float(robustness["seconds"])
+    selection = results.get("selection")
+    if selection:
+        metrics["best_step"] = float(selection["final_weights_step"])
+        metrics["best_fraction"] = float(selection["final_weights_step"]) / selection["last_step"]
+        metrics["eval_seconds"] = float(selection["eval_seconds"])
+    noise = task.label_noise(results)
+    if noise and noise["p"] > 0:
+        metrics["rows_relabelled"] = float(noise["rows_changed"])
     return metrics
 
 
@@ -130,7 +173,43 @@ def markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], strength
     for method, diffs in comparison["versus_reference"].items():
         cells = [Arm.parse(method).label] + [interval_text(diffs[k], s, "{:+.1f}" if s == 100.0 else "{:+.3g}") for k, _, _, s in keys]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + deployment_markdown(comparison, accuracy_names, reference))
+
+
+def deployment_markdown(comparison: dict[str, Any], accuracy_names: Sequence[str], reference: str = "none") -> list[str]:
+    """The tables of the deployed-model measures and of checkpoint selection, label noise and evaluation cost,
+    each as mean ± std over seeds and as paired differences to `reference`; none for measures not taken."""
+    first = next(iter(comparison["summary"].values()))
+    robustness = [(f"{key}_{name}", f"{label} {name}", "{:.1f}", 100.0) for name in accuracy_names
+                  for key, label in ROBUSTNESS_METRICS if f"{key}_{name}" in first]
+    selection = [(key, label, fmt, 1.0) for key, label, fmt in SELECTION_METRICS if key in first]
+    lines: list[str] = []
+    if robustness:
+        lines += ["", "Deployed model: accuracy (%) after a GGUF round trip of every Linear weight (Q8_0, Q4_0) and under "
+                  "Gaussian weight noise relative to each row's RMS, and the drop in points from the run's own clean "
+                  "accuracy (positive: accuracy lost):", ""]
+        lines += _tables(comparison, robustness, reference)
+    if selection:
+        lines += ["", "Checkpoint selection, label noise and evaluation cost: the step the final weights came from "
+                  "(alone and over the run's steps), the training rows given a wrong label, and the seconds spent "
+                  "scoring the validation rows during training and measuring robustness (neither is in s/step):", ""]
+        lines += _tables(comparison, selection, reference)
+    return lines
+
+
+def _tables(comparison: dict[str, Any], columns: list[tuple[str, str, str, float]], reference: str) -> list[str]:
+    """Mean ± std of `columns` (key, label, format, scale) per arm, then each arm's paired difference to `reference`."""
+    header = ["method"] + [label for _, label, _, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, metrics in comparison["summary"].items():
+        cells = [_cell(metrics[k], fmt, scale) for k, _, fmt, scale in columns]
+        lines.append("| " + " | ".join([Arm.parse(method).label, *cells]) + " |")
+    lines += ["", f"Paired difference to `{reference}` (method minus {reference}, 95% t-interval):", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, diffs in comparison["versus_reference"].items():
+        cells = [interval_text(diffs[k], scale, fmt.replace("{:", "{:+")) for k, _, fmt, scale in columns]
+        lines.append("| " + " | ".join([Arm.parse(method).label, *cells]) + " |")
+    return lines
 
 
 def plot(tables: dict[str, dict[str, dict[str, list[float]]]], primary: str, path: str, accuracy: str = "strict accuracy") -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -34,7 +35,30 @@ def run_tokens(run: Run, base_argv: Sequence[str], output_root: str, eval_source
         tokens += [f"--{STRENGTH_NAME[arm.method]}", repr(run.strength)]
     if run.role == "test":
         tokens += list(flatness)
-    return tokens
+    return tokens + checkpoint_tokens(tokens)
+
+
+def _last_value(tokens: Sequence[str], option: str) -> str | None:
+    """The value of the last `option value` pair in `tokens` (argparse keeps the last), or None."""
+    at = [i for i, t in enumerate(tokens[:-1]) if t == option]
+    return tokens[at[-1] + 1] if at else None
+
+
+def checkpoint_tokens(tokens: Sequence[str]) -> list[str]:
+    """The saves a run that ends on its best checkpoint needs, in place of the forced `--save_strategy no`.
+
+    A checkpoint is saved only when the validation score improves (`--save_strategy best`), weights only
+    (`--save_only_model`: no optimizer state, a tenth of the bytes for Adam), and only the newest is kept
+    (`--save_total_limit 1`): at most one best checkpoint per running run, in the run's own folder.
+    `remove_checkpoints` deletes it once the run's results are written (its numbers are in them), and before a
+    run starts (an interrupted run starts again from step 0: weights-only checkpoints cannot resume training).
+
+    Returns:
+        [] unless `tokens` ask for `--load_best_model_at_end true`.
+    """
+    if str(_last_value(tokens, "--load_best_model_at_end")).lower() != "true":
+        return []
+    return ["--save_strategy", "best", "--save_total_limit", "1", "--save_only_model", "true"]
 
 
 def record_memory(results: dict[str, Any], tokens: list[str], own_process: bool, task: Task) -> None:
@@ -78,14 +102,27 @@ def execute(
     torch.set_num_threads(1)  # see the module docstring; the CoT demo measured 1 thread faster on 2 busy cores
     task = TASKS[task_name]
     arguments = task.parse(tokens, script)
+    output_dir = next(a for a in arguments if isinstance(a, TrainingArguments)).output_dir
+    remove_checkpoints(output_dir, tokens)  # left by an interrupted attempt
     start = time.perf_counter()
     results = task.run(arguments)
     results["wall_seconds"] = time.perf_counter() - start
     record_memory(results, tokens, own_process, task)
-    output_dir = next(a for a in arguments if isinstance(a, TrainingArguments)).output_dir
     with open(os.path.join(output_dir, task.results_file), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)  # rewritten with the memory: its presence marks the run done
+    remove_checkpoints(output_dir, tokens)
     return results
+
+
+def remove_checkpoints(folder: str, tokens: Sequence[str]) -> None:
+    """Delete the `checkpoint-N` folders of a run that `checkpoint_tokens` has save them (a no-op otherwise).
+
+    A comparison of 80 runs would otherwise keep 80 best checkpoints.
+    """
+    if checkpoint_tokens(tokens) and os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def load_done(folder: str, tokens: list[str], results_file: str = TASKS["cot"].results_file) -> dict[str, Any] | None:
@@ -123,6 +160,7 @@ def launch(tokens: list[str], launcher: str, script: str, log_file: str, task: T
     import subprocess
 
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    remove_checkpoints(os.path.dirname(log_file), tokens)  # left by an interrupted attempt
     with open(log_file, "w", encoding="utf-8") as log:
         done = subprocess.run([*shlex.split(launcher), script, *tokens], stdout=log, stderr=subprocess.STDOUT)
     folder = os.path.dirname(log_file)
@@ -134,6 +172,7 @@ def launch(tokens: list[str], launcher: str, script: str, log_file: str, task: T
     record_memory(results, tokens, False, task)  # the launcher's processes are not this one
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
+    remove_checkpoints(folder, tokens)
     return results
 
 

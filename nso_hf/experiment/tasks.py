@@ -37,6 +37,7 @@ class Task:
         run: parsed arguments -> the run's results dict.
         train_numbers: results -> (mean train loss, seconds per step, peak CUDA MiB or None).
         compute: results -> (micro-batches trained, forward+backward passes made) by the main process.
+        label_noise: results -> what --label_noise changed ({"p", "seed", "rows", "rows_changed", ...}) or None.
         trains_lora: parsed arguments -> whether the runs train LoRA adapters (merged methods need them).
         prepare: parsed arguments -> None; builds, once, what runs started side by side would each build.
     """
@@ -53,6 +54,7 @@ class Task:
     run: Callable[[Any], dict[str, Any]]
     train_numbers: Callable[[dict[str, Any]], tuple[float, float, float | None]]
     compute: Callable[[dict[str, Any]], tuple[int, int]]
+    label_noise: Callable[[dict[str, Any]], dict[str, Any] | None]
     trains_lora: Callable[[Any], bool]
     prepare: Callable[[Any], None]
 
@@ -147,6 +149,7 @@ TASKS = {
         run=_cot_run,
         train_numbers=_cot_train_numbers,
         compute=lambda results: (results["train"]["micro_batches"], results["train"]["forward_backward_passes"]),
+        label_noise=lambda results: results["data"].get("label_noise"),
         trains_lora=lambda parsed: not parsed[0].full_finetune,
         prepare=_cot_prepare,
     ),
@@ -167,6 +170,7 @@ TASKS = {
         run=_clip_run,
         train_numbers=_clip_train_numbers,
         compute=lambda results: (results["micro_batches"], results["forward_backward_passes"]),
+        label_noise=lambda results: results.get("label_noise"),
         trains_lora=lambda parsed: False,  # no LoRA option in pretrain_clip.py
         prepare=lambda parsed: None,  # the digits and the tokenizer are built in each run, in a second
     ),
