@@ -33,17 +33,19 @@ $(DS_STAMP): $(STAMP)
 	touch $(DS_STAMP)
 
 # Default suite: CPU only, offline, under 10 minutes on 2 cores. The test models are tiny: one
-# thread per process is faster than two fighting over 2 cores (and the DDP tests run 2 processes).
+# thread per process is faster than two fighting over 2 cores. The in-process tests run on two pytest
+# workers, one per core; the launcher tests (torchrun, sharded engines: two processes each) after them,
+# one at a time.
 TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 test: $(STAMP) $(DS_STAMP)
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not slow and not distributed" $(PYTEST_FLAGS)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow and distributed" $(PYTEST_FLAGS)
 
 # ruff (pinned in constraints.txt): pyflakes, pycodestyle, import order, one typing style; config in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The same without the launcher tests (torchrun, sharded engines): a quick loop while editing, on two
-# pytest workers (the launcher tests start processes of their own, so `make test` runs serially).
+# The in-process half of `make test` alone (no torchrun, no sharded engines): a quick loop while editing.
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not slow and not distributed" $(PYTEST_FLAGS)
 

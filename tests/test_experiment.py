@@ -338,7 +338,13 @@ def test_runs_through_a_launcher(tiny_model_dir, tmp_path):
     assert set(results["per_seed"]) == {"equal_steps"} and len(results["runs"]) == 4
     assert results["primary_metric"] == "strict accuracy on 'test' at equal steps"
     assert all((out / r["name"] / "log.txt").exists() for r in results["runs"])
-    # The CLIP task through the same launcher: pretrain_clip.py as its own command, its JSON read back.
+
+
+@pytest.mark.slow  # four more processes; the launcher path is the CoT test's, the CLIP task's in-process run is tested by default
+def test_clip_runs_through_a_launcher(tmp_path):
+    """The CLIP task through a launcher: pretrain_clip.py as its own command, its JSON read back."""
+    from compare_methods import main
+
     clip = tmp_path / "launched_clip"
     main(["--task", "clip", "--quick", "--output_dir", str(clip), "--methods", "none", "nso", "--budgets", "equal_steps",
           "--launcher", sys.executable])
