@@ -100,3 +100,13 @@ def parse_with_config(
     if parsed and isinstance(parsed[-1], argparse.Namespace):  # the --config entry, already applied
         parsed = parsed[:-1]
     return tuple(parsed), explicit
+
+
+def no_pinning_on_cpu(training_args: Any) -> None:
+    """Switch off `dataloader_pin_memory` when training on CPU (both scripts call it after parsing).
+
+    Pinning needs an accelerator: on CPU torch warns at every dataloader Trainer builds (training and
+    each evaluation during training) and pins nothing.
+    """
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False

@@ -179,6 +179,7 @@ def run_clip(argv):
     return results
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. pin_memory on CPU, at every evaluation dataloader
 @pytest.mark.parametrize("method", ["none", "nso"])
 def test_clip_ends_on_the_checkpoint_its_validation_accuracy_chose(tmp_path, monkeypatch, method, one_thread):
     import nso_hf.clip.pipeline as pipeline

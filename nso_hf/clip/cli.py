@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from nso_hf.cli import add_config_argument, parse_with_config
+from nso_hf.cli import add_config_argument, no_pinning_on_cpu, parse_with_config
 from nso_hf.clip.arguments import CLIPDataArguments, CLIPModelArguments, CLIPRunArguments
 from nso_hf.config import NSOConfig
 
@@ -86,6 +86,7 @@ def main(
     if run_args.gather_features and any(m != "none" for m in run_args.methods):
         require_shared_noise(nso_config, explicitly_set="sync_noise_across_ranks" in explicit)
     check_run_options(data_args, run_args, training_args)
+    no_pinning_on_cpu(training_args)
     task, make_model = build_task(model_args, data_args)
     results = run_methods(
         run_args.methods,

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from nso_hf.best_checkpoint import check_selection_options, evaluates_during_training, selection_results
+from nso_hf.cli import no_pinning_on_cpu
 from nso_hf.compute import MicroBatchCounter, training_compute
 from nso_hf.config import NSOConfig, config_for_method
 from nso_hf.cot.arguments import CoTDataArguments, CoTScriptArguments, LoraArguments
@@ -335,9 +336,7 @@ def run_cot_finetune(
     recipe, resume, max_length = inputs.recipe, inputs.resume, inputs.max_length
     train_source, load_report = inputs.train_source, inputs.load_report
     eval_sets, eval_origin = inputs.eval_sets, inputs.eval_origin
-    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
-        # Pinning needs an accelerator: on CPU torch warns at every dataloader and pins nothing.
-        training_args.dataloader_pin_memory = False
+    no_pinning_on_cpu(training_args)
 
     model, tokenizer, path, gguf_file = load_model(script_args, training_args, lora_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
