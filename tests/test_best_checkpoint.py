@@ -281,3 +281,23 @@ def test_validation_curves_are_found_in_either_results_file_and_plotted(tmp_path
     (tmp_path / "plain.json").write_text(json.dumps({"method": "nso", "selection": None}))
     with pytest.raises(SystemExit):
         main([str(tmp_path / "plain.json"), str(tmp_path / "none.png")])
+
+
+def test_several_results_files_plot_as_one_figure_named_by_label(tmp_path, monkeypatch):
+    import plot_validation_curve
+
+    curve = [{"step": s, "exact_match": a, "seconds": 0.1} for s, a in zip([1, 2, 3, 4], SCRIPTED)]
+    selection = {"metric": "exact_match", "curve": curve, "final_weights_step": 2, "validation_source": "validation"}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cot_results.json").write_text(json.dumps({"method": "none", "selection": selection}))
+    files = [str(tmp_path / "a" / "cot_results.json"), str(tmp_path / "b" / "cot_results.json")]
+    plotted = {}
+    monkeypatch.setattr(plot_validation_curve, "plot_selection_curves", lambda sections, png: plotted.update(sections))
+    plot_validation_curve.main([*files, str(tmp_path / "x.png")])
+    assert plotted == {"a: none": selection, "b: none": selection}  # default label: the file's folder
+    plotted.clear()
+    plot_validation_curve.main([*files, str(tmp_path / "x.png"), "--labels", "n=300", "n=100"])
+    assert list(plotted) == ["n=300: none", "n=100: none"]
+    with pytest.raises(SystemExit):
+        plot_validation_curve.main([*files, str(tmp_path / "x.png"), "--labels", "only one"])
