@@ -39,7 +39,8 @@ from transformers import (
 
 from nso_hf import NSOConfig, NSOTrainer
 from nso_hf.config import MERGED_METHODS, METHODS
-from nso_hf.schedule import is_perturbed_step, schedule_name
+from nso_hf.experiment.plan import Arm
+from nso_hf.schedule import is_perturbed_step
 from nso_hf.timing import StepTimer
 
 
@@ -75,25 +76,8 @@ class BenchArguments:
     )
 
 
-@dataclass(frozen=True)
-class Row:
-    """One benchmarked trainer: Trainer ("trainer") or a method, perturbed on the schedule (start, every)."""
-
-    method: str
-    start: float = 0.0
-    every: int = 1
-
-    @property
-    def label(self) -> str:
-        return f"{self.method} {schedule_name(self.start, self.every)}".strip()
-
-    @property
-    def scheduled(self) -> bool:
-        return self.start > 0 or self.every > 1
-
-
-def parse_schedule(method: str, text: str) -> Row:
-    """'start=0.75', 'every=2' or 'start=0.5,every=2' as a Row of `method` (checked by NSOConfig)."""
+def parse_schedule(method: str, text: str) -> Arm:
+    """'start=0.75', 'every=2' or 'start=0.5,every=2' as an Arm of `method` (checked by NSOConfig)."""
     fields = {"start": 0.0, "every": 1}
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -101,7 +85,7 @@ def parse_schedule(method: str, text: str) -> Row:
             raise ValueError(f"--schedules: {text!r} is not start=F, every=N or both joined by a comma.")
         fields[key] = float(value) if key == "start" else int(value)
     NSOConfig(method=method, perturb_start=fields["start"], perturb_every=fields["every"])  # refuses bad values
-    return Row(method, fields["start"], fields["every"])
+    return Arm(method, fields["start"], fields["every"])
 
 
 def build_model(bench: BenchArguments, lora: bool):
@@ -129,7 +113,7 @@ def dataset(bench: BenchArguments) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def run(bench: BenchArguments, row: Row, mode: str) -> Trainer:
+def run(bench: BenchArguments, row: Arm, mode: str) -> Trainer:
     """Train warmup + steps optimizer steps; the trainer carries the timed steps in `step_times`."""
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="nso-bench-"),
@@ -147,7 +131,9 @@ def run(bench: BenchArguments, row: Row, mode: str) -> Trainer:
     if row.method == "trainer":
         trainer = Trainer(**kwargs)
     else:
-        config = NSOConfig(method=row.method, sigma=bench.sigma, rho=bench.rho, perturb_start=row.start, perturb_every=row.every)
+        config = NSOConfig(
+            method=row.method, sigma=bench.sigma, rho=bench.rho, perturb_start=row.perturb_start, perturb_every=row.perturb_every
+        )
         trainer = NSOTrainer(**kwargs, nso_config=config)
     trainer.remove_callback(PrinterCallback)
     if torch.cuda.is_available():
@@ -169,31 +155,31 @@ def child_memory(bench: BenchArguments) -> None:
     """In a fresh process: peak RSS of one run, and its growth over the RSS before training."""
     method, mode, start, every = bench.child.split(":")
     before = _rss_mb("VmRSS")
-    run(bench, Row(method, float(start), int(every)), mode)
+    run(bench, Arm(method, float(start), int(every)), mode)
     print(json.dumps({"peak_mb": _rss_mb("VmHWM"), "before_mb": before}))
 
 
-def cpu_memory(bench: BenchArguments, row: Row, mode: str) -> dict[str, float]:
+def cpu_memory(bench: BenchArguments, row: Arm, mode: str) -> dict[str, float]:
     small = [f"--{k}={v}" for k, v in (("hidden_size", bench.hidden_size), ("num_layers", bench.num_layers),
              ("vocab_size", bench.vocab_size), ("seq_len", bench.seq_len), ("batch_size", bench.batch_size),
              ("steps", 3), ("warmup", 1), ("sigma", bench.sigma), ("rho", bench.rho))]  # fmt: skip
     out = subprocess.run(
-        [sys.executable, __file__, *small, "--child", f"{row.method}:{mode}:{row.start}:{row.every}"],
+        [sys.executable, __file__, *small, "--child", f"{row.method}:{mode}:{row.perturb_start}:{row.perturb_every}"],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def expected_time_ratio(bench: BenchArguments, row: Row) -> float:
+def expected_time_ratio(bench: BenchArguments, row: Arm) -> float:
     """1 + (passes - 1) x the perturbed share of the timed steps: the ratio if a pass cost what Trainer's pass costs."""
-    config = NSOConfig(method=row.method, perturb_start=row.start, perturb_every=row.every)
+    config = NSOConfig(method=row.method, perturb_start=row.perturb_start, perturb_every=row.perturb_every)
     total = bench.warmup + bench.steps
     timed = range(bench.warmup, total)
-    share = sum(is_perturbed_step(t, total, row.start, row.every) for t in timed) / len(timed)
+    share = sum(is_perturbed_step(t, total, row.perturb_start, row.perturb_every) for t in timed) / len(timed)
     return 1 + (config.passes_per_micro_batch - 1) * share
 
 
-def step_statistics(times: list[float], bench: BenchArguments, row: Row) -> dict[str, float | None]:
+def step_statistics(times: list[float], bench: BenchArguments, row: Arm) -> dict[str, float | None]:
     """The step time of a row: the median step; for a schedule, the medians of its plain and of its perturbed
     steps, weighted by their shares of the timed steps.
 
@@ -213,7 +199,7 @@ def step_statistics(times: list[float], bench: BenchArguments, row: Row) -> dict
     if not row.scheduled:
         return stats
     total = bench.warmup + bench.steps
-    perturbed = [is_perturbed_step(t, total, row.start, row.every) for t in range(bench.warmup, total)] * bench.rounds
+    perturbed = [is_perturbed_step(t, total, row.perturb_start, row.perturb_every) for t in range(bench.warmup, total)] * bench.rounds
     kinds = {
         "plain_s_per_step": [s for s, p in zip(times, perturbed, strict=True) if not p],
         "perturbed_s_per_step": [s for s, p in zip(times, perturbed, strict=True) if p],
@@ -244,10 +230,10 @@ def main(bench: BenchArguments) -> dict:
     for mode in bench.modes:
         if mode not in ("lora", "full"):
             raise ValueError(f"--modes takes 'lora' and/or 'full', got {mode!r}")
-        rows = [Row("trainer")] + [Row(m) for m in bench.methods if mode == "lora" or m not in MERGED_METHODS]
+        rows = [Arm("trainer")] + [Arm(m) for m in bench.methods if mode == "lora" or m not in MERGED_METHODS]
         rows += [r for r in schedules if mode == "lora" or r.method not in MERGED_METHODS]
         out: dict = {}
-        times: dict[Row, list[float]] = {r: [] for r in rows}
+        times: dict[Arm, list[float]] = {r: [] for r in rows}
         for _ in range(bench.rounds):
             for row in times:
                 trainer = run(bench, row, mode)
@@ -264,7 +250,7 @@ def main(bench: BenchArguments) -> dict:
                 mem = cpu_memory(bench, row, mode)
                 out[row]["peak_mb"] = mem["peak_mb"]
                 out[row]["growth_mb"] = mem["peak_mb"] - mem["before_mb"]
-        t = out[Row("trainer")]
+        t = out[Arm("trainer")]
         for row in rows:
             n = out[row]
             n["time_ratio"] = n["s_per_step"] / t["s_per_step"]

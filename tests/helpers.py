@@ -5,6 +5,7 @@ scripts. Nothing comes from the Hub. `conftest.py` re-exports these names and ad
 from __future__ import annotations
 
 import os
+import random
 import runpy
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
@@ -142,6 +144,27 @@ def quadratic_examples(n: int = 8) -> list[dict[str, torch.Tensor]]:
 
 def first_batch(trainer) -> dict[str, torch.Tensor]:
     return next(iter(trainer.get_train_dataloader()))
+
+
+def rng_state() -> tuple:
+    """torch's CPU, numpy's and Python's global generator states (tests of the replay)."""
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+
+
+def assert_same_rng(got: tuple, ref: tuple) -> None:
+    assert torch.equal(got[0], ref[0]), "torch's generator"
+    assert got[1][0] == ref[1][0] and np.array_equal(got[1][1], ref[1][1]) and got[1][2:] == ref[1][2:], "numpy's generator"
+    assert got[2] == ref[2], "Python's random"
+
+
+def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
 
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:

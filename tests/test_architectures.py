@@ -12,9 +12,6 @@ For every architecture of tests/architectures.py, three short runs (three steps,
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import pytest
 import torch
 
@@ -22,31 +19,12 @@ from nso_hf import NSOConfig, NSOMixin
 from nso_hf.noise import Perturbation
 
 from architectures import ARCHITECTURES, Architecture
+from helpers import assert_same_rng, buffers_of, rng_state, set_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 3
 SIGMA = 0.05
-
-
-def rng_state() -> tuple:
-    return torch.get_rng_state(), np.random.get_state(), random.getstate()
-
-
-def set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    np.random.set_state(state[1])
-    random.setstate(state[2])
-
-
-def assert_same_rng(got: tuple, ref: tuple) -> None:
-    assert torch.equal(got[0], ref[0]), "torch's generator"
-    assert got[1][0] == ref[1][0] and np.array_equal(got[1][1], ref[1][1]) and got[1][2:] == ref[1][2:], "numpy's generator"
-    assert got[2] == ref[2], "Python's random"
-
-
-def buffers_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()}
 
 
 def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from nso_hf.buffers import accumulate_difference, weighted_mean
 from nso_hf.passes import pass_plan
 
 from conftest import assert_same_weights, first_batch, params_of, tiny_llama
+from helpers import assert_same_rng, buffers_of, rng_state, set_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,26 +50,6 @@ def examples(n: int = 16) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 4, generator=g)
     return [{"x": x[i], "y": x[i].sum().sin()} for i in range(n)]
-
-
-def rng_state() -> tuple:
-    return torch.get_rng_state(), np.random.get_state(), random.getstate()
-
-
-def set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    np.random.set_state(state[1])
-    random.setstate(state[2])
-
-
-def assert_same_rng(got: tuple, ref: tuple) -> None:
-    assert torch.equal(got[0], ref[0]), "torch's generator"
-    assert got[1][0] == ref[1][0] and np.array_equal(got[1][1], ref[1][1]) and got[1][2:] == ref[1][2:], "numpy's generator"
-    assert got[2] == ref[2], "Python's random"
-
-
-def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()}
 
 
 def test_batchnorm_running_stats_do_not_bump_version_counters():

@@ -166,7 +166,7 @@ def test_resume_across_the_phase_boundary_repeats_the_uninterrupted_run(tmp_path
 def test_benchmark_schedule_rows_and_expected_ratio():
     bench_script = load_script("benchmark_step.py")
     row = bench_script["parse_schedule"]("nso", "start=0.5,every=2")
-    assert (row.method, row.start, row.every, row.label) == ("nso", 0.5, 2, "nso late 0.5 every 2")
+    assert (row.method, row.perturb_start, row.perturb_every, row.label) == ("nso", 0.5, 2, "nso late 0.5 every 2")
     bench = bench_script["BenchArguments"](warmup=2, steps=8)  # steps 0..9; perturbed 5, 7, 9; timed 2..9
     assert bench_script["expected_time_ratio"](bench, row) == 1 + 3 / 8
     # Two rounds of steps 2..9 (perturbed: 5, 7, 9): the plain steps take 1 s, the perturbed 2 s, and one
@@ -176,7 +176,7 @@ def test_benchmark_schedule_rows_and_expected_ratio():
     stalled = [1.0, 100.0, *round_times[2:]]
     stats = bench_script["step_statistics"](round_times + stalled, bench_script["BenchArguments"](warmup=2, steps=8, rounds=2), row)
     assert (stats["plain_s_per_step"], stats["perturbed_s_per_step"], stats["s_per_step"]) == (1.0, 2.0, 1.375)
-    every_step = bench_script["step_statistics"]([1.0, 3.0, 2.0], bench, bench_script["Row"]("nso"))
+    every_step = bench_script["step_statistics"]([1.0, 3.0, 2.0], bench, bench_script["Arm"]("nso"))
     assert every_step == {"s_per_step": 2.0, "mean_s_per_step": 2.0}
     with pytest.raises(ValueError, match=r"--schedules: 'late=0.5' is not start=F, every=N"):
         bench_script["parse_schedule"]("nso", "late=0.5")
