@@ -222,3 +222,26 @@ def plot_selection_curves(sections: dict[str, dict[str, Any]], path: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def training_time(wall_seconds: float, global_step: int, selection: dict[str, Any] | None) -> dict[str, Any]:
+    """The training seconds and the step the final weights came from, for either script's results file.
+
+    Evaluating and saving checkpoints during training is not training compute, so `train_seconds` leaves
+    them out; `train_wall_seconds` is all of `trainer.train()`.
+
+    Args:
+        wall_seconds: `trainer.train()`'s wall time.
+        global_step: the step training ended at.
+        selection: `selection_results` (None: nothing was evaluated during training).
+
+    Returns:
+        {"train_seconds", "train_wall_seconds", "final_weights_step"}.
+    """
+    if selection is None:
+        return {"train_seconds": wall_seconds, "train_wall_seconds": wall_seconds, "final_weights_step": global_step}
+    return {
+        "train_seconds": wall_seconds - selection["eval_seconds"] - selection["checkpoint_seconds"],
+        "train_wall_seconds": wall_seconds,
+        "final_weights_step": selection["final_weights_step"],
+    }

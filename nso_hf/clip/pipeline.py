@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import CLIPModel, TrainingArguments
 
-from nso_hf.best_checkpoint import evaluates_during_training, selection_results, with_accuracy_evaluation
+from nso_hf.best_checkpoint import evaluates_during_training, selection_results, training_time, with_accuracy_evaluation
 from nso_hf.clip.collator import CLIPCollator
 from nso_hf.clip.evaluation import evaluate_clip, write_json
 from nso_hf.clip.logit_scale import DEFAULT_MAX_LOGIT_SCALE, LogitScaleClampCallback
@@ -139,17 +139,14 @@ def run_method(
     )
     result = trainer.train()
     selection = selection_results(trainer, task.validation_source, None if task.validation is None else len(task.validation))
-    wall = float(result.metrics["train_runtime"])  # wall time, data loading included
     out: dict[str, Any] = {
         "method": method,
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
         "seconds_per_step": timer.median_seconds(),
-        # Evaluating and saving checkpoints is not training compute.
-        "train_seconds": wall - (0.0 if selection is None else selection["eval_seconds"] + selection["checkpoint_seconds"]),
-        "train_wall_seconds": wall,
+        # train_runtime: wall time, data loading included; evaluations and saves are left out of train_seconds.
+        **training_time(float(result.metrics["train_runtime"]), int(result.global_step), selection),
         "selection": selection,
-        "final_weights_step": int(result.global_step) if selection is None else selection["final_weights_step"],
         "label_noise": None if task.label_noise is None else task.label_noise.to_dict(),
         **training_compute(trainer, micro_batches),  # forward+backward passes this process ran
         "logit_scale": float(trainer.model.logit_scale.detach().float().item()),

@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from nso_hf.best_checkpoint import check_selection_options, evaluates_during_training, selection_results
+from nso_hf.best_checkpoint import check_selection_options, evaluates_during_training, selection_results, training_time
 from nso_hf.cli import no_pinning_on_cpu
 from nso_hf.compute import MicroBatchCounter, training_compute
 from nso_hf.config import NSOConfig, config_for_method
@@ -158,12 +158,12 @@ def training_inputs(script_args: CoTScriptArguments, data_args: CoTDataArguments
     max_length = resolve_max_length(data_args.max_length, *position_limit(script_args))
     recipe = build_recipe(data_args)
     train_source, _ = data_sources(data_args)
-    from data_recipes.label_noise import add_label_noise
-
     train_data = recipe.load(train_source, split=data_args.train_split, max_samples=data_args.max_train_samples)
     if len(train_data) == 0:  # local files already raise in Recipe.load; this covers generated splits
         raise ValueError(f"{train_source}: no examples to use.")
     load_report = recipe.last_report
+    from data_recipes.label_noise import add_label_noise
+
     train_data, noise = add_label_noise(train_data, data_args.label_noise, data_args.label_noise_seed, recipe.answer_kind)
     return CheckedInputs(recipe, None, max_length, train_source, train_data, load_report, {}, {}, label_noise=noise)
 
@@ -381,9 +381,7 @@ def run_cot_finetune(
         trainer, None if inputs.validation is None else data_args.validation_source,
         None if inputs.validation is None else len(inputs.validation),
     )
-    # Evaluating and saving checkpoints is not training compute: seconds per step leave them out.
-    outside = 0.0 if selection is None else selection["eval_seconds"] + selection["checkpoint_seconds"]
-    train_seconds = wall_seconds - outside
+    timing = training_time(wall_seconds, train_output.global_step, selection)  # evaluations and saves left out
     resumed_at = 0
     if resume is not None:
         with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as handle:
@@ -392,13 +390,13 @@ def run_cot_finetune(
     train_metrics = {
         "global_step": train_output.global_step,
         "train_loss": train_output.training_loss,
-        "train_seconds": train_seconds,
-        "seconds_per_step": train_seconds / steps,
+        "train_seconds": timing["train_seconds"],
+        "seconds_per_step": timing["train_seconds"] / steps,
         # trainer.train()'s wall time: training plus evaluations and checkpoint saves during training.
-        "train_wall_seconds": wall_seconds,
+        "train_wall_seconds": timing["train_wall_seconds"],
         "eval_seconds": None if selection is None else selection["eval_seconds"],
         "checkpoint_seconds": None if selection is None else selection["checkpoint_seconds"],
-        "final_weights_step": train_output.global_step if selection is None else selection["final_weights_step"],
+        "final_weights_step": timing["final_weights_step"],
         "resumed_from": resume,
         "resumed_at_step": resumed_at,
         # The compute spent: forward+backward passes this process ran (a plain step of the schedule makes one).
