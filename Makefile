@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup deepspeed lint test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench experiment experiment-lora experiment-clip experiment-clip-fresh experiment-schedule clean
+.PHONY: setup deepspeed lint test test-fast test-slow demo demo-smollm2 demo-clip smollm2 bench experiment experiment-lora experiment-clip experiment-clip-fresh experiment-schedule experiment-noisy experiment-small clean
 
 setup: $(STAMP)
 
@@ -103,6 +103,23 @@ experiment-schedule: $(STAMP)
 		--methods none nso nso@late0.75 --focus nso@late0.75 --budgets equal_steps
 	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --output_dir outputs/experiment_schedule --report_name equal_compute \
 		--methods none rwp nso@late0.75 --focus nso@late0.75 --budgets equal_compute
+
+# Converged training on 150 problems (docs/results.md, Parts 6 and 7): none, nso, rwp, sam and nso on a late phase whose
+# start is chosen on validation, 150 steps (equal steps) and 300 passes (equal compute), 10 seeds, every test run
+# ending on its best checkpoint on 200 validation problems (5 scorings), then scored on 500 test problems, after
+# Q8_0/Q4_0 round trips and under weight noise (20% of each row's RMS, 3 draws). About 55 minutes each on 2 cores.
+CONVERGED := --steps 150 --methods none nso rwp sam nso@late --start_grid 0.25 0.5 0.75 \
+	--validation_sources validation --test_sources test --best_checkpoint true --evaluations 5 --validation_samples 200 \
+	--robustness true --hessian_trace_probes 10 --flatness_batches 1 --top_eigenvalue_iterations 0 --noise_stability_draws 0 \
+	--synthetic_num_train 150 --synthetic_num_eval 500 --robustness_noise 0.2 --robustness_noise_draws 3
+
+# ... with 30% of the training labels wrong (evaluation labels clean)
+experiment-noisy: $(STAMP)
+	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --output_dir outputs/experiment_noisy $(CONVERGED) --label_noise 0.3
+
+# ... with clean labels
+experiment-small: $(STAMP)
+	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --output_dir outputs/experiment_small $(CONVERGED)
 
 # Speed and memory of NSOTrainer against Trainer, measured in the same process; cost of a Hessian probe.
 bench: $(STAMP)

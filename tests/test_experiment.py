@@ -399,3 +399,43 @@ def test_quick_comparison_with_best_checkpoint_label_noise_and_robustness(tiny_m
     before = {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")}
     main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("cot_results.json")} == before
+
+
+def test_late_arm_start_chosen_on_validation(tiny_model_dir, tmp_path, one_thread):
+    """`nso@late` with --start_grid: each start runs at the strength chosen for nso, the best on validation becomes the
+    arm of the test runs (a tie goes to the later start); bad grids fail before any run."""
+    from compare_methods import main
+
+    from nso_hf.experiment.compare import ExperimentArguments, select_start
+    from nso_hf.experiment.plan import Run
+
+    with pytest.raises(ValueError, match="--start_grid goes with exactly one arm"):
+        ExperimentArguments(methods=["none", "nso", "nso@late"])
+    with pytest.raises(ValueError, match="--start_grid goes with exactly one arm"):
+        ExperimentArguments(methods=["none", "nso"], start_grid=[0.5])
+    with pytest.raises(ValueError, match="add nso to --methods"):
+        ExperimentArguments(methods=["none", "nso@late"], focus="nso@late", start_grid=[0.5])
+    with pytest.raises(ValueError, match="perturb_start"):
+        ExperimentArguments(methods=["none", "nso", "nso@late"], start_grid=[1.5])
+    with pytest.raises(ValueError, match="No whole number of steps gives nso late 0.25"):  # 1.75 x n passes never makes 400
+        ExperimentArguments(methods=["none", "nso", "nso@late"], start_grid=[0.25, 0.5], steps=200)
+    ExperimentArguments(methods=["none", "nso", "nso@late"], start_grid=[0.25, 0.5, 0.75], steps=150)
+
+    runs = [Run(f"nso@late{s}", 0.01, 9, 10, "validation") for s in (0.25, 0.5, 0.75)]
+    accuracy = {0.25: 0.30, 0.5: 0.40, 0.75: 0.40}
+    results = {r.name: {"eval": {"validation": {"exact_match": accuracy[r.arm.perturb_start]}}} for r in runs}
+    arm, table = select_start(results, runs, "validation")
+    assert arm == "nso@late0.75" and [row["validation"] for row in table] == [0.30, 0.40, 0.40]
+
+    # Two steps: starts 0.5 and 0.9 both perturb step 1 only, so their runs are identical and the later start wins.
+    out = tmp_path / "late"
+    main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "nso@late", "--start_grid", "0.5", "0.9",
+          "--budgets", "equal_steps", "--model_name_or_path", tiny_model_dir])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    late = results["start_selection"]
+    assert [row["perturb_start"] for row in late["starts"]] == [0.5, 0.9] and late["chosen"] == "nso@late0.9"
+    assert late["starts"][0]["validation"] == late["starts"][1]["validation"]
+    assert results["strengths"] == {"none": None, "nso": 0.01, "nso@late0.9": 0.01}
+    assert (out / "validation" / "nso_late0.5_sigma0.01_steps2_seed1000" / "cot_results.json").exists()
+    assert set(results["per_seed"]["equal_steps"]) == {"none", "nso", "nso@late0.9"}
+    assert "- nso late (its start, at nso's sigma 0.01): start 0.5:" in (out / "results.md").read_text()

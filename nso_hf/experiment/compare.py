@@ -6,7 +6,9 @@ or CLIP pretraining (`pretrain_clip.py`, zero-shot accuracy); everything below i
 1. Strength selection: every tuned method runs once per value of its grid (same steps, one selection
    seed that is not a test seed) and keeps the value with the best accuracy on the selection
    split (`--selection`, a validation split; ties go to the weaker strength). The test splits are
-   not looked at.
+   not looked at. An arm written `<method>@late` (`--start_grid`) is then chosen the same way among
+   its perturbation starts, each run at the strength chosen for `<method>`: that arm is tuned in its
+   start, as many values as a strength grid, and becomes `<method>@late<start>` for the test runs.
 2. Test runs: every method with its chosen strength, for every seed, at equal optimizer steps and at
    equal compute (`nso_hf.experiment.plan`).
 3. Report: `results.json` (every number), `results.md` (the tables, the paired differences, the
@@ -101,6 +103,13 @@ class ExperimentArguments:
     strengths: list[str] = field(
         default_factory=list, metadata={"help": "Fixed strengths, no selection run, e.g. nso=0.01 sam=0.05."}
     )
+    start_grid: list[float] = field(
+        default_factory=list,
+        metadata={"help": "perturb_start values of the arm --methods writes as <method>@late (no fraction), e.g. "
+                  "--methods none nso nso@late --start_grid 0.25 0.5 0.75: each runs once on the selection seed at the "
+                  "strength chosen for <method>, and the start with the best --selection accuracy is the arm's (ties go "
+                  "to the later start, the cheaper run)."},
+    )
     selection_seed: int = field(default=1000, metadata={"help": "Seed of the selection runs (keep it out of --seeds)."})
     validation_sources: list[str] = field(
         default_factory=lambda: ["validation", "ood_validation"], metadata={"help": "Evaluation sources of the selection runs."}
@@ -164,8 +173,16 @@ class ExperimentArguments:
             self.top_eigenvalue_iterations = min(self.top_eigenvalue_iterations, 2)
             self.noise_stability_draws = min(self.noise_stability_draws, 2)
             self.flatness_batches = 1
-        self.methods = [Arm.parse(m).spec for m in self.methods]  # one spelling per arm: "nso@late0.750" is nso@late0.75
-        self.focus = Arm.parse(self.focus).spec
+        late = [m for m in self.methods if m.endswith("@late") and m.count("@") == 1]
+        if len(late) > 1 or bool(late) != bool(self.start_grid):
+            raise ValueError(f"--start_grid goes with exactly one arm written <method>@late in --methods (its start is chosen "
+                             f"on validation), got --methods {self.methods} and --start_grid {self.start_grid}.")
+        self.late_arm = late[0] if late else None
+        # one spelling per arm: "nso@late0.750" is nso@late0.75
+        self.methods = [m if m == self.late_arm else Arm.parse(m).spec for m in self.methods]
+        self.focus = self.focus if self.focus == self.late_arm else Arm.parse(self.focus).spec
+        if self.late_arm:
+            self._check_start_grid()
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--methods names an arm twice: {self.methods}.")
         if "none" not in self.methods or self.focus not in self.methods:
@@ -192,6 +209,22 @@ class ExperimentArguments:
         if self.validation_samples is not None and self.validation_samples < 1:
             raise ValueError(f"--validation_samples must be >= 1, got {self.validation_samples}: leave it unset to score every row.")
         check_label_noise(self.label_noise)  # the scripts' own check, before any run
+
+    def _check_start_grid(self) -> None:
+        """The late arm's method is compared and tuned, and every start is valid with a whole equal-compute step count."""
+        method = self.late_arm.partition("@")[0]
+        if method not in self.methods:
+            raise ValueError(f"{self.late_arm} runs at the strength chosen for {method}: add {method} to --methods.")
+        if len(set(self.start_grid)) != len(self.start_grid):
+            raise ValueError(f"--start_grid names a start twice: {self.start_grid}.")
+        for start in self.start_grid:
+            arm = Arm.parse(f"{method}@late{start!r}").spec  # NSOConfig's checks of the fraction
+            if "equal_compute" in self.budgets:
+                equal_compute_steps(arm, self.steps, [arm if m == self.late_arm else m for m in self.methods])
+
+    def arm_methods(self) -> list[str]:
+        """The method of every arm (the late arm's too, before its start is chosen)."""
+        return [m.partition("@")[0] if m == self.late_arm else method_of(m) for m in self.methods]
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, list[float]]:
@@ -242,6 +275,17 @@ def select_strengths(
     return chosen, table
 
 
+def select_start(
+    validation: dict[str, dict], runs: list[Run], selection: str, task_name: str = "cot"
+) -> tuple[str, list[dict]]:
+    """The late arm (`runs`: one per start, same strength) with the best accuracy on `selection`; ties go to the
+    later start (fewer perturbed steps, the cheaper run). Returns its spec and the table of starts."""
+    table = [{"perturb_start": run.arm.perturb_start, "arm": run.method, **TASKS[task_name].accuracies(validation[run.name])}
+             for run in runs]
+    best = max(table, key=lambda r: (r[selection], r["perturb_start"]))
+    return best["arm"], table
+
+
 def strength_plan(args: ExperimentArguments) -> tuple[dict[str, list[float]], dict[str, float]]:
     """({method: grid} of the methods to tune, {method: strength} of those fixed by --strengths).
 
@@ -258,7 +302,8 @@ def strength_plan(args: ExperimentArguments) -> tuple[dict[str, list[float]], di
         if len(values) != 1:
             raise ValueError(f"--strengths: give one value for {method}, got {values}.")
     tuned = {
-        m: grids.get(m, list(DEFAULT_GRIDS[method_of(m)])) for m in args.methods if method_of(m) in STRENGTH_NAME and m not in fixed
+        m: grids.get(m, list(DEFAULT_GRIDS[method_of(m)]))
+        for m in args.methods if m != args.late_arm and method_of(m) in STRENGTH_NAME and m not in fixed
     }
     if args.quick:  # one value per method: the selection step runs, with nothing to choose between
         tuned = {m: [v[len(v) // 2]] for m, v in tuned.items()}
@@ -297,7 +342,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     if args.label_noise:  # the task itself: selection and test runs alike
         base += ["--label_noise", repr(args.label_noise)]
     # Parsed once, before any run, so a typo fails in a second, not an hour in.
-    parsed = task.check([*base, "--output_dir", os.devnull], [method_of(m) for m in args.methods], script)
+    parsed = task.check([*base, "--output_dir", os.devnull], args.arm_methods(), script)
     flatness = [
         "--hessian_trace_probes", str(args.hessian_trace_probes), "--hessian_trace_batches", str(args.flatness_batches),
         "--top_eigenvalue_iterations", str(args.top_eigenvalue_iterations),
@@ -306,7 +351,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     probe = Run("none", None, args.seeds[0], args.steps, "test")
     if test_run_tokens(args, task, probe):  # the test runs' own options must parse too (the runner adds the saves)
         tokens = run_tokens(probe, base, os.devnull, args.test_sources, flatness + test_run_tokens(args, task, probe))
-        task.check(tokens, [method_of(m) for m in args.methods], script)
+        task.check(tokens, args.arm_methods(), script)
     tuned, fixed = strength_plan(args)
     workers = 0 if args.quick else args.workers  # tiny runs: spawning a process would cost more than the run
     os.makedirs(args.output_dir, exist_ok=True)
@@ -323,6 +368,20 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     strengths: dict[str, float | None] = {m: None for m in args.methods}
     strengths.update(fixed)
     strengths.update(chosen)
+    start_selection = None
+    if args.late_arm:  # its starts, at the strength just chosen for its method
+        sigma = strengths[args.late_arm.partition("@")[0]]
+        start_runs = [Run(Arm.parse(f"{args.late_arm}{start!r}").spec, sigma, args.selection_seed, args.steps, "validation")
+                      for start in args.start_grid]
+        validation = run_all(
+            [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in start_runs],
+            args.output_dir, workers, args.launcher, script, task,
+        )
+        arm, rows = select_start(validation, start_runs, args.selection, task.name)
+        start_selection = {"arm": args.late_arm, "strength": sigma, "starts": rows, "chosen": arm}
+        args.methods = [arm if m == args.late_arm else m for m in args.methods]
+        args.focus = arm if args.focus == args.late_arm else args.focus
+        strengths = {arm if m == args.late_arm else m: (sigma if m == args.late_arm else v) for m, v in strengths.items()}
     print(f"[compare] strengths: {strengths}", flush=True)
 
     runs = comparison_runs(args.methods, strengths, args.seeds, args.steps, args.budgets)
@@ -354,6 +413,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "decision": verdict,
         "strengths": strengths,
         "selection": selection_table,
+        "start_selection": start_selection,
         "per_seed": tables,
         "comparisons": comparisons,
         "runs": [r.to_dict() for r in runs],
@@ -422,6 +482,12 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
     for method, rows in out["selection"].items():
         values = ", ".join(f"{STRENGTH_NAME[method_of(method)]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
         lines.append(f"- {Arm.parse(method).label}: {values} -> **{out['strengths'][method]:g}**")
+    late = out.get("start_selection")
+    if late:
+        method = late["arm"].partition("@")[0]
+        values = ", ".join(f"start {r['perturb_start']:g}: {100 * r[args.selection]:.1f}%" for r in late["starts"])
+        lines.append(f"- {method} late (its start, at {method}'s {STRENGTH_NAME[method]} {late['strength']:g}): {values} "
+                     f"-> **{Arm.parse(late['chosen']).perturb_start:g}**")
     for budget, text in sections:
         lines += ["", f"## {budget.replace('_', ' ').capitalize()}", "", text]
     return "\n".join(lines) + "\n"
