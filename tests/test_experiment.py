@@ -438,4 +438,12 @@ def test_late_arm_start_chosen_on_validation(tiny_model_dir, tmp_path, one_threa
     assert results["strengths"] == {"none": None, "nso": 0.01, "nso@late0.9": 0.01}
     assert (out / "validation" / "nso_late0.5_sigma0.01_steps2_seed1000" / "cot_results.json").exists()
     assert set(results["per_seed"]["equal_steps"]) == {"none", "nso", "nso@late0.9"}
-    assert "- nso late (its start, at nso's sigma 0.01): start 0.5:" in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "- nso late (its start, at nso's sigma 0.01): start 0.5:" in text and "Strengths given" not in text
+    assert results["arguments"]["methods"] == ["none", "nso", "nso@late"] and results["focus"] == "nso"
+    # --focus the late arm: its chosen spelling is the focus of the report
+    main(["--quick", "--output_dir", str(out), "--methods", "none", "nso", "nso@late", "--start_grid", "0.5", "0.9",
+          "--budgets", "equal_steps", "--focus", "nso@late", "--report_name", "late", "--model_name_or_path", tiny_model_dir])
+    late_report = json.loads((out / "late.json").read_text())
+    assert late_report["focus"] == "nso@late0.9" and set(late_report["comparisons"]["equal_steps"]["focus_versus"]) == {"none", "nso"}
+    assert "nso late 0.9 minus each arm" in (out / "late.md").read_text()

@@ -365,7 +365,9 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         args.output_dir, workers, args.launcher, script, task,
     )
     chosen, selection_table = select_strengths(validation, selection_runs, args.selection, task.name)
-    strengths: dict[str, float | None] = {m: None for m in args.methods}
+    # The arms of the test runs: --methods, with the late arm's start once chosen (args itself stays as given).
+    methods, focus = list(args.methods), args.focus
+    strengths: dict[str, float | None] = {m: None for m in methods}
     strengths.update(fixed)
     strengths.update(chosen)
     start_selection = None
@@ -379,12 +381,12 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         )
         arm, rows = select_start(validation, start_runs, args.selection, task.name)
         start_selection = {"arm": args.late_arm, "strength": sigma, "starts": rows, "chosen": arm}
-        args.methods = [arm if m == args.late_arm else m for m in args.methods]
-        args.focus = arm if args.focus == args.late_arm else args.focus
+        methods = [arm if m == args.late_arm else m for m in methods]
+        focus = arm if focus == args.late_arm else focus
         strengths = {arm if m == args.late_arm else m: (sigma if m == args.late_arm else v) for m, v in strengths.items()}
     print(f"[compare] strengths: {strengths}", flush=True)
 
-    runs = comparison_runs(args.methods, strengths, args.seeds, args.steps, args.budgets)
+    runs = comparison_runs(methods, strengths, args.seeds, args.steps, args.budgets)
     results = run_all(
         [(r, run_tokens(r, base, args.output_dir, args.test_sources, flatness + test_run_tokens(args, task, r))) for r in runs],
         args.output_dir, workers,
@@ -395,12 +397,12 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     tables, comparisons, sections = {}, {}, []
     budgets = [b for b in BUDGETS if b in args.budgets]
     for budget in budgets:
-        tables[budget] = report.per_seed(runs, results, budget, args.methods, args.seeds, task)
-        comparisons[budget] = report.comparisons(tables[budget], primary, focus=args.focus)
-        steps = {m: args.steps if budget == "equal_steps" else equal_compute_steps(m, args.steps, args.methods) for m in args.methods}
+        tables[budget] = report.per_seed(runs, results, budget, methods, args.seeds, task)
+        comparisons[budget] = report.comparisons(tables[budget], primary, focus=focus)
+        steps = {m: args.steps if budget == "equal_steps" else equal_compute_steps(m, args.steps, methods) for m in methods}
         sections.append((budget, report.markdown(comparisons[budget], args.test_sources, strengths, steps, args.seeds, primary)))
     decisive = budgets[0]  # equal compute when it was run
-    verdict = report.decision(comparisons[decisive]["focus_versus"], args.focus)
+    verdict = report.decision(comparisons[decisive]["focus_versus"], focus)
     out = {
         "command": command,
         "machine": machine(),
@@ -411,6 +413,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         "primary_metric": f"{task.accuracy} on {args.primary!r} at {decisive.replace('_', ' ')}",
         "decision_rule": DECISION_RULE,
         "decision": verdict,
+        "focus": focus,
         "strengths": strengths,
         "selection": selection_table,
         "start_selection": start_selection,
@@ -459,7 +462,8 @@ def check_compute(runs: list[Run], results: dict[str, dict], task: Any) -> None:
 def render(out: dict[str, Any], sections: list[tuple[str, str]], args: ExperimentArguments) -> str:
     """results.md: the rule first, then what was chosen, then the tables."""
     decisive = next(iter(out["comparisons"]))
-    focus = out["comparisons"][decisive]["focus_versus"]
+    versus = out["comparisons"][decisive]["focus_versus"]
+    late = out.get("start_selection")
     lines = [
         "# Method comparison", "",
         f"- Command: `{out['command']}`",
@@ -469,10 +473,11 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
         "standard errors, so only large, consistent differences exclude 0)",
         f"- Primary metric (fixed before the runs): {out['primary_metric']}. {DECISION_RULE}",
         f"- **Decision: {out['decision']}**", "",
-        f"{Arm.parse(args.focus).label} minus each arm, primary metric at {decisive.replace('_', ' ')} (points, 95% t-interval):", "",
+        f"{Arm.parse(out['focus']).label} minus each arm, primary metric at {decisive.replace('_', ' ')} (points, 95% t-interval):", "",
     ]
-    lines += [f"- vs {Arm.parse(m).label}: {report.interval_text(d, 100.0)}" for m, d in focus.items()]
-    fixed = {m: v for m, v in out["strengths"].items() if v is not None and m not in out["selection"]}
+    lines += [f"- vs {Arm.parse(m).label}: {report.interval_text(d, 100.0)}" for m, d in versus.items()]
+    derived = [late["chosen"]] if late else []  # the late arm runs at its method's chosen strength
+    fixed = {m: v for m, v in out["strengths"].items() if v is not None and m not in out["selection"] and m not in derived}
     if fixed:
         lines += ["", "Strengths given, not selected: " + ", ".join(
             f"{Arm.parse(m).label} {STRENGTH_NAME[method_of(m)]} {v:g}" for m, v in fixed.items())]
@@ -482,7 +487,6 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
     for method, rows in out["selection"].items():
         values = ", ".join(f"{STRENGTH_NAME[method_of(method)]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
         lines.append(f"- {Arm.parse(method).label}: {values} -> **{out['strengths'][method]:g}**")
-    late = out.get("start_selection")
     if late:
         method = late["arm"].partition("@")[0]
         values = ", ".join(f"start {r['perturb_start']:g}: {100 * r[args.selection]:.1f}%" for r in late["starts"])
