@@ -481,7 +481,7 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
     if fixed:
         lines += ["", "Strengths given, not selected: " + ", ".join(
             f"{Arm.parse(m).label} {STRENGTH_NAME[method_of(m)]} {v:g}" for m, v in fixed.items())]
-    if out["selection"]:
+    if out["selection"] or late:
         lines += ["", f"Strengths chosen on `{args.selection}` (seed {args.selection_seed}, {args.steps} steps each; "
                   f"{TASKS[args.task].accuracy}):", ""]
     for method, rows in out["selection"].items():
