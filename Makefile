@@ -107,7 +107,8 @@ experiment-schedule: $(STAMP)
 # Converged training on 150 problems (docs/results.md, Parts 6 and 7): none, nso, rwp, sam and nso on a late phase whose
 # start is chosen on validation, 150 steps (equal steps) and 300 passes (equal compute), 10 seeds, every test run
 # ending on its best checkpoint on 200 validation problems (5 scorings), then scored on 500 test problems, after
-# Q8_0/Q4_0 round trips and under weight noise (20% of each row's RMS, 3 draws). About 55 minutes each on 2 cores.
+# Q8_0/Q4_0 round trips and under weight noise (20% of each row's RMS, 3 draws). Measured on 2 cores: 60 minutes
+# (noisy) and 69 minutes (clean).
 CONVERGED := --steps 150 --methods none nso rwp sam nso@late --start_grid 0.25 0.5 0.75 \
 	--validation_sources validation --test_sources test --best_checkpoint true --evaluations 5 --validation_samples 200 \
 	--robustness true --hessian_trace_probes 10 --flatness_batches 1 --top_eigenvalue_iterations 0 --noise_stability_draws 0 \
