@@ -19,16 +19,12 @@ from nso_hf import NSOConfig, NSOMixin
 from nso_hf.noise import Perturbation
 
 from architectures import ARCHITECTURES, Architecture
-from helpers import assert_same_rng, buffers_of, rng_state, set_rng_state
+from helpers import assert_same_rng, buffers_of, params_of, rng_state, set_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 3
 SIGMA = 0.05
-
-
-def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def assert_equal(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what: str) -> None:
