@@ -212,19 +212,28 @@ class ExperimentArguments:
 
     def _check_start_grid(self) -> None:
         """The late arm's method is compared and tuned, and every start is valid with a whole equal-compute step count."""
-        method = self.late_arm.partition("@")[0]
+        method = self.late_method
         if method not in self.methods:
             raise ValueError(f"{self.late_arm} runs at the strength chosen for {method}: add {method} to --methods.")
         if len(set(self.start_grid)) != len(self.start_grid):
             raise ValueError(f"--start_grid names a start twice: {self.start_grid}.")
-        for start in self.start_grid:
-            arm = Arm.parse(f"{method}@late{start!r}").spec  # NSOConfig's checks of the fraction
-            if "equal_compute" in self.budgets:
+        arms = self.start_arms()  # NSOConfig's checks of each fraction
+        if "equal_compute" in self.budgets:
+            for arm in arms:
                 equal_compute_steps(arm, self.steps, [arm if m == self.late_arm else m for m in self.methods])
+
+    @property
+    def late_method(self) -> str | None:
+        """The method of the late arm ("nso" of nso@late), None without one."""
+        return self.late_arm.partition("@")[0] if self.late_arm else None
+
+    def start_arms(self) -> list[str]:
+        """The late arm's spec at each start of --start_grid, in order (Arm.parse applies NSOConfig's checks)."""
+        return [Arm.parse(f"{self.late_arm}{start!r}").spec for start in self.start_grid]
 
     def arm_methods(self) -> list[str]:
         """The method of every arm (the late arm's too, before its start is chosen)."""
-        return [m.partition("@")[0] if m == self.late_arm else method_of(m) for m in self.methods]
+        return [self.late_method if m == self.late_arm else method_of(m) for m in self.methods]
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, list[float]]:
@@ -372,18 +381,20 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
     strengths.update(chosen)
     start_selection = None
     if args.late_arm:  # its starts, at the strength just chosen for its method
-        sigma = strengths[args.late_arm.partition("@")[0]]
-        start_runs = [Run(Arm.parse(f"{args.late_arm}{start!r}").spec, sigma, args.selection_seed, args.steps, "validation")
-                      for start in args.start_grid]
+        sigma = strengths[args.late_method]
+        start_runs = [Run(arm, sigma, args.selection_seed, args.steps, "validation") for arm in args.start_arms()]
         validation = run_all(
             [(r, run_tokens(r, base, args.output_dir, args.validation_sources, [])) for r in start_runs],
             args.output_dir, workers, args.launcher, script, task,
         )
         arm, rows = select_start(validation, start_runs, args.selection, task.name)
         start_selection = {"arm": args.late_arm, "strength": sigma, "starts": rows, "chosen": arm}
-        methods = [arm if m == args.late_arm else m for m in methods]
-        focus = arm if focus == args.late_arm else focus
-        strengths = {arm if m == args.late_arm else m: (sigma if m == args.late_arm else v) for m, v in strengths.items()}
+
+        def chosen_arm(m: str) -> str:
+            return arm if m == args.late_arm else m
+
+        methods, focus = [chosen_arm(m) for m in methods], chosen_arm(focus)
+        strengths = {chosen_arm(m): v for m, v in strengths.items()} | {arm: sigma}
     print(f"[compare] strengths: {strengths}", flush=True)
 
     runs = comparison_runs(methods, strengths, args.seeds, args.steps, args.budgets)
@@ -488,7 +499,7 @@ def render(out: dict[str, Any], sections: list[tuple[str, str]], args: Experimen
         values = ", ".join(f"{STRENGTH_NAME[method_of(method)]} {r['strength']:g}: {100 * r[args.selection]:.1f}%" for r in rows)
         lines.append(f"- {Arm.parse(method).label}: {values} -> **{out['strengths'][method]:g}**")
     if late:
-        method = late["arm"].partition("@")[0]
+        method = method_of(late["chosen"])
         values = ", ".join(f"start {r['perturb_start']:g}: {100 * r[args.selection]:.1f}%" for r in late["starts"])
         lines.append(f"- {method} late (its start, at {method}'s {STRENGTH_NAME[method]} {late['strength']:g}): {values} "
                      f"-> **{Arm.parse(late['chosen']).perturb_start:g}**")
