@@ -104,15 +104,15 @@ experiment-schedule: $(STAMP)
 	$(EXPERIMENT_ENV) $(PY) scripts/compare_methods.py --output_dir outputs/experiment_schedule --report_name equal_compute \
 		--methods none rwp nso@late0.75 --focus nso@late0.75 --budgets equal_compute
 
-# Converged training on 150 problems (docs/results.md, Parts 6 and 7): none, nso, rwp, sam and nso on a late phase whose
-# start is chosen on validation, 150 steps (equal steps) and 300 passes (equal compute), 10 seeds, every test run
-# ending on its best checkpoint on 200 validation problems (5 scorings), then scored on 500 test problems, after
-# Q8_0/Q4_0 round trips and under weight noise (20% of each row's RMS, 3 draws). Measured on 2 cores: 60 minutes
-# (noisy) and 69 minutes (clean).
-CONVERGED := --steps 150 --methods none nso rwp sam nso@late --start_grid 0.25 0.5 0.75 \
+# Converged training on 150 problems (docs/results.md, Part 8; Parts 6 and 7 ran seeds 0-9 on 500 problems and 3 noise
+# draws): none, nso, rwp, sam and nso on a late phase whose start is chosen on validation, 150 steps (equal steps) and
+# 300 passes (equal compute), seeds 10-19, every test run ending on its best checkpoint on 200 validation problems
+# (5 scorings), then scored on 400 test problems, after Q8_0/Q4_0 round trips and under weight noise (20% of each
+# row's RMS, 2 draws).
+CONVERGED := --steps 150 --methods none nso rwp sam nso@late --start_grid 0.25 0.5 0.75 --seeds 10 11 12 13 14 15 16 17 18 19 \
 	--validation_sources validation --test_sources test --best_checkpoint true --evaluations 5 --validation_samples 200 \
 	--robustness true --hessian_trace_probes 10 --flatness_batches 1 --top_eigenvalue_iterations 0 --noise_stability_draws 0 \
-	--synthetic_num_train 150 --synthetic_num_eval 500 --robustness_noise 0.2 --robustness_noise_draws 3
+	--synthetic_num_train 150 --synthetic_num_eval 400 --robustness_noise 0.2 --robustness_noise_draws 2
 
 # ... with 30% of the training labels wrong (evaluation labels clean)
 experiment-noisy: $(STAMP)
