@@ -340,6 +340,32 @@ def test_runs_through_a_launcher(tiny_model_dir, tmp_path):
     assert all((out / r["name"] / "log.txt").exists() for r in results["runs"])
 
 
+@pytest.mark.distributed  # two worker processes at once: run with the launcher tests, after the parallel half
+def test_worker_processes_give_the_numbers_of_in_process_runs(tiny_model_dir, tmp_path, one_thread):
+    """--workers 2 runs each run in a fresh process forked from a server that has imported the task's modules:
+    the same numbers as the same runs in this process, and each run's own peak memory."""
+    from nso_hf.experiment.plan import Run
+    from nso_hf.experiment.runner import run_all, run_tokens, worker_context
+    from nso_hf.experiment.tasks import TASKS
+
+    task = TASKS["cot"]
+    if sys.platform.startswith("linux"):
+        assert worker_context(task).get_start_method() == "forkserver"
+    base = ["--config", os.path.join(REPO, "scripts", "configs", task.config), *task.quick_tokens,
+            "--model_name_or_path", tiny_model_dir, "--hessian_trace_probes", "2", "--hessian_trace_batches", "1"]
+    runs = [Run("none", None, 0, 2, "test"), Run("nso", 0.01, 1, 2, "test")]
+    results = {}
+    for workers in (0, 2):
+        root = str(tmp_path / f"workers{workers}")
+        results[workers] = run_all([(r, run_tokens(r, base, root, ["test"], [])) for r in runs], root, workers)
+    for run in runs:
+        here, forked = results[0][run.name], results[2][run.name]
+        assert forked["train"]["train_loss"] == here["train"]["train_loss"]
+        assert forked["hessian_trace"] == here["hessian_trace"] and forked["eval"] == here["eval"]
+        assert forked["peak_memory_kind"] == "process_peak_rss" and forked["peak_memory_mib"] > 100
+        assert here["peak_memory_kind"].startswith("not measured")
+
+
 @pytest.mark.slow  # four more processes; the launcher path is the CoT test's, the CLIP task's in-process run is tested by default
 def test_clip_runs_through_a_launcher(tmp_path):
     """The CLIP task through a launcher: pretrain_clip.py as its own command, its JSON read back."""

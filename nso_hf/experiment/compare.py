@@ -362,7 +362,7 @@ def compare_methods(args: ExperimentArguments, passthrough: list[str], command: 
         tokens = run_tokens(probe, base, os.devnull, args.test_sources, flatness + test_run_tokens(args, task, probe))
         task.check(tokens, args.arm_methods(), script)
     tuned, fixed = strength_plan(args)
-    workers = 0 if args.quick else args.workers  # tiny runs: spawning a process would cost more than the run
+    workers = 0 if args.quick else args.workers  # tiny runs: starting a process would cost more than the run
     os.makedirs(args.output_dir, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
 

@@ -1,11 +1,11 @@
 """Run the planned runs: each one a run of the task's script (`finetune_cot.py`, `pretrain_clip.py`), in its own process.
 
 A run is the script's own code path (`nso_hf.experiment.tasks`) with its options as command-line
-tokens, so a comparison measures exactly what a user runs. Each run gets a fresh worker process (spawned,
-one run per process): its peak memory is its own, one thread per process keeps two workers on two
-cores from slowing each other, and a crash costs that run only. A finished run leaves its results
-file (`cot_results.json`, `eval_results.json`) in its folder and is not run again: an interrupted
-comparison resumes.
+tokens, so a comparison measures exactly what a user runs. Each run gets a fresh worker process (one run
+per process, forked from a server that has imported the task's modules: `worker_context`): its peak
+memory is its own, one thread per process keeps two workers on two cores from slowing each other, and a
+crash costs that run only. A finished run leaves its results file (`cot_results.json`,
+`eval_results.json`) in its folder and is not run again: an interrupted comparison resumes.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def execute(
         tokens: the command line.
         own_process: the caller runs this in a fresh process, so the process's peak memory is the run's.
         log_file: send this process's output there (file descriptors 1 and 2: library output included).
-        task_name: a key of `TASKS` (a name, so a spawned process can receive it).
+        task_name: a key of `TASKS` (a name, so a worker process can receive it).
         script: the task's script path (the clip task runs its parse and main).
     """
     if log_file is not None:
@@ -176,6 +176,25 @@ def launch(tokens: list[str], launcher: str, script: str, log_file: str, task: T
     return results
 
 
+def worker_context(task: Task) -> Any:
+    """The multiprocessing context of the worker processes: each forked from a server that imported `task.modules`.
+
+    A spawned worker imports torch, transformers and the task's code before its run starts: with one run per
+    worker, that is paid by every run (several seconds of each minute-long run of the embedded task on 2
+    cores). The fork server imports them once; each worker is still a fresh process, forked before anything
+    has run (no thread pool started, no CUDA context), as DataLoader workers are forked after `import torch`.
+    Where there is no fork server (Windows), workers are spawned.
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Read when the server starts (the first pool of this process); a failed import is skipped by the server.
+    context.set_forkserver_preload(["torch", "transformers", __name__, *task.modules])
+    return context
+
+
 def run_all(
     jobs: list[tuple[Run, list[str]]], output_root: str, workers: int, launcher: str | None = None,
     script: str | None = None, task: Task = TASKS["cot"],
@@ -213,9 +232,7 @@ def run_all(
             print(f"[compare] {i + 1}/{len(todo)} {run.name}", flush=True)
             results[run.name] = execute(tokens, False, None, task.name, script)
         return results
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
+    context = worker_context(task)
     with context.Pool(workers, maxtasksperchild=1) as pool:
         pending = {
             run.name: pool.apply_async(execute, (tokens, True, os.path.join(output_root, run.name, "log.txt"), task.name, script))

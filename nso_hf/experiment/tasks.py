@@ -40,6 +40,8 @@ class Task:
         label_noise: results -> what --label_noise changed ({"p", "seed", "rows", "rows_changed", ...}) or None.
         trains_lora: parsed arguments -> whether the runs train LoRA adapters (merged methods need them).
         prepare: parsed arguments -> None; builds, once, what runs started side by side would each build.
+        modules: what a run imports (torch and transformers with them): the worker processes start with
+            them imported (`runner.worker_context`).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Task:
     label_noise: Callable[[dict[str, Any]], dict[str, Any] | None]
     trains_lora: Callable[[Any], bool]
     prepare: Callable[[Any], None]
+    modules: tuple[str, ...] = ()
 
     def accuracies(self, results: dict[str, Any]) -> dict[str, float]:
         """{evaluation source: accuracy in [0, 1]} of one run's results."""
@@ -152,6 +155,7 @@ TASKS = {
         label_noise=lambda results: results["data"].get("label_noise"),
         trains_lora=lambda parsed: not parsed[0].full_finetune,
         prepare=_cot_prepare,
+        modules=("nso_hf.cot.finetune", "nso_hf.cot.models", "nso_hf.robustness"),
     ),
     "clip": Task(
         name="clip",
@@ -173,5 +177,6 @@ TASKS = {
         label_noise=lambda results: results.get("label_noise"),
         trains_lora=lambda parsed: False,  # no LoRA option in pretrain_clip.py
         prepare=lambda parsed: None,  # the digits and the tokenizer are built in each run, in a second
+        modules=("nso_hf.clip.cli", "nso_hf.clip.build", "nso_hf.clip.pipeline", "nso_hf.robustness"),
     ),
 }
