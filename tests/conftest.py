@@ -19,7 +19,6 @@ from helpers import (  # noqa: F401  (re-exported: tests import these from conft
     assert_same_weights,
     byte_level_tokenizer,
     first_batch,
-    free_port,
     launch,
     lm_examples,
     load_script,

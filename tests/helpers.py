@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import runpy
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -233,13 +232,6 @@ def finish_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (for a launcher's --master_port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_script(name: str) -> dict[str, Any]:

@@ -18,8 +18,6 @@ import warnings
 import pytest
 import torch
 
-from conftest import free_port
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 sys.path.insert(0, SCRIPTS)
@@ -198,7 +196,7 @@ def test_resume_checkpoint_errors(tmp_path):
 
 def _torchrun(model_dir, output_dir, *extra):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(SCRIPTS, "finetune_cot.py"), *cot_argv(model_dir, output_dir, *extra),
         "--use_cpu", "true", "--ddp_backend", "gloo", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3",
     ]  # fmt: skip
@@ -416,7 +414,7 @@ def test_demo_shows_trainer_progress():
 def test_torchrun_every_rank_stops_on_bad_data_before_loading(tiny_model_dir, tmp_path):
     wrong = write_jsonl(tmp_path / "yesno.jsonl", [{"question": f"q{i}?", "rationale": "r", "answer": "No"} for i in range(4)])
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(SCRIPTS, "finetune_cot.py"), *cot_argv(tiny_model_dir, tmp_path / "out"),
         "--recipe", "gsm8k", "--train_source", wrong, "--use_cpu", "true", "--ddp_backend", "gloo",
     ]  # fmt: skip

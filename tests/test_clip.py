@@ -49,7 +49,7 @@ from nso_hf.clip.trainers import (
     trainer_class,
 )
 
-from conftest import free_port, load_script, params_of, training_args
+from conftest import load_script, params_of, training_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "pretrain_clip.py")
@@ -393,7 +393,7 @@ def test_gathered_loss_across_two_ranks_matches_one_process_on_the_whole_batch(t
     worker = os.path.join(REPO, "tests", "clip_gather_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), worker, str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(tmp_path)],
         check=False, env=env, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -483,7 +483,7 @@ def test_script_under_torchrun_with_gathered_features_and_nso(tmp_path):
     """Two gloo ranks, NSO on the all-rank loss: the script sets shared noise, trains, writes its JSON."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
          "--method", "nso", "--gather_features", "--max_steps", "2", "--per_device_train_batch_size", "8",
          "--max_train_samples", "64", "--image_size", "16", "--use_cpu", "--ddp_backend", "gloo",
          "--output_dir", str(tmp_path)],

@@ -11,8 +11,6 @@ import torch
 from data_recipes import get_recipe
 from nso_hf.config import NSOConfig
 
-from conftest import free_port
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "finetune_cot.py")
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -131,7 +129,7 @@ def test_accelerate_launch_one_process(tiny_model_dir, tmp_path):
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     output_dir = str(tmp_path / "out")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
         *_run_args(tiny_model_dir, output_dir, "rwp"), "--use_cpu", "true", "--ddp_backend", "gloo",
     ]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
