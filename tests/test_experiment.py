@@ -159,6 +159,20 @@ def test_arms_on_a_schedule_and_their_compute():
         ExperimentArguments(methods=["none", "nso"], focus="nso@late0.75")
 
 
+def test_worker_pool_takes_the_costliest_runs_first():
+    """Runs go to the pool most passes first, in plan order among equals (make demo: NSO's three, then Trainer's)."""
+    from nso_hf.experiment.runner import costliest_first
+
+    runs = comparison_runs(["none", "nso", "nso@late0.5"], {"nso": 0.01, "nso@late0.5": 0.01}, [0, 1], 10)
+    ordered = [run for run, _ in costliest_first([(run, [run.name]) for run in runs])]
+    # The equal-compute runs (20 passes each) by seed as planned, then late 0.5 at 10 steps (15), then none at 10 steps.
+    assert [(r.method, r.steps, r.seed) for r in ordered] == [
+        ("none", 20, 0), ("nso", 10, 0), ("nso@late0.5", 13, 0), ("none", 20, 1), ("nso", 10, 1), ("nso@late0.5", 13, 1),
+        ("nso@late0.5", 10, 0), ("nso@late0.5", 10, 1), ("none", 10, 0), ("none", 10, 1)]
+    demo = comparison_runs(["none", "nso"], {"nso": 0.01}, [0, 1, 2], 200, budgets=["equal_steps"])
+    assert [r.method for r, _ in costliest_first([(r, []) for r in demo])] == ["nso"] * 3 + ["none"] * 3
+
+
 def test_selection_prefers_the_weaker_strength_on_a_tie_and_the_decision_rule():
     from nso_hf.experiment.compare import select_strengths
     from nso_hf.experiment.plan import Run
